@@ -1,0 +1,196 @@
+"""The exact GD construction and the plain-JAX reference algorithms (PAPERS.md §3).
+
+With P = [[0,0],[0,I]] and Q = [[−A,0],[0,0]] the looped transformer computes, loop by loop,
+
+    W_{t+1} = W_t − (1/n)(W_t X − Y) Xᵀ A,     W_0 = 0,
+
+i.e. preconditioned gradient descent on L(W) = (1/2n)||W X − Y||_F² (A = η·I: plain GD), and
+its read-out after t loops is W_t X_query.  This module builds those weights and the references
+that a learned model is compared with: GD iterates, least squares, ridge, the per-prompt optimal
+step, the best constant step over a batch of prompts, and the convergence-rate bound.
+
+Shapes: X [batch, d, n], Y [batch, d_out, n], X_query [batch, d, m], W [batch, d_out, d].
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loopicl import model as model_lib
+
+
+def _preconditioner(d: int, step_size, preconditioner, dtype) -> jax.Array:
+  if (step_size is None) == (preconditioner is None):
+    raise ValueError("step_size/preconditioner: give exactly one; allowed: step_size=<number > 0> "
+                     "or preconditioner=<[d, d] matrix>")
+  if preconditioner is None:
+    if not np.isfinite(step_size) or step_size <= 0:
+      raise ValueError(f"step_size={step_size!r} is invalid; allowed: a finite number > 0")
+    return step_size * jnp.eye(d, dtype=dtype)
+  A = jnp.asarray(preconditioner, dtype)
+  if A.shape != (d, d):
+    raise ValueError(f"preconditioner has shape {tuple(A.shape)}; allowed: ({d}, {d}) for d={d}")
+  return A
+
+
+def gd_params(d: int, d_out: int = 1, *, step_size: float | None = None,
+              preconditioner=None, dtype=None) -> tuple[jax.Array, jax.Array]:
+  """(P, Q), each [d + d_out, d + d_out], whose loops are GD with step η or preconditioner A."""
+  model_lib._check_positive_int("d", d)
+  model_lib._check_positive_int("d_out", d_out)
+  dtype = dtype or jnp.result_type(float)
+  return model_lib.gd_weights(_preconditioner(d, step_size, preconditioner, dtype), d_out)
+
+
+def gd_transformer(d: int, d_out: int = 1, *, step_size: float | None = None,
+                   preconditioner=None, dtype=None, **model_kwargs) -> model_lib.LoopedLinearTransformer:
+  """A `full`-parameterization LoopedLinearTransformer whose t-th loop is the t-th GD step."""
+  P, Q = gd_params(d, d_out, step_size=step_size, preconditioner=preconditioner, dtype=dtype)
+  model = model_lib.LoopedLinearTransformer(d, d_out, "full", dtype=P.dtype, rngs=nnx.Rngs(0),
+                                            **model_kwargs)
+  model.P[...] = P
+  model.Q[...] = Q
+  return model
+
+
+def empirical_covariance(X: jax.Array) -> jax.Array:
+  """Σ̂ = X Xᵀ / n: [batch, d, d]."""
+  return X @ jnp.swapaxes(X, -1, -2) / X.shape[-1]
+
+
+def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
+                preconditioner=None) -> jax.Array:
+  """W_0 = 0, …, W_T of (preconditioned) GD on (1/2n)||W X − Y||²: [T + 1, batch, d_out, d].
+
+  `step_size` may be a scalar or a [batch] array (one step per prompt).
+  """
+  model_lib._check_positive_int("steps", steps)
+  d, n = X.shape[-2], X.shape[-1]
+  if preconditioner is None:
+    if step_size is None:
+      raise ValueError("step_size/preconditioner: give exactly one; allowed: step_size=<number > 0 "
+                       "or [batch] array> or preconditioner=<[d, d] matrix>")
+    eta = jnp.asarray(step_size, X.dtype)
+    A = eta[..., None, None] * jnp.eye(d, dtype=X.dtype)
+  else:
+    A = _preconditioner(d, step_size, preconditioner, X.dtype)
+  # Work with the d × d sufficient statistics: same iterates, O(d²) per step instead of O(d·n).
+  sigma_hat = empirical_covariance(X)                      # [batch, d, d]
+  b = Y @ jnp.swapaxes(X, -1, -2) / n                      # Y Xᵀ / n: [batch, d_out, d]
+
+  def step(W, _):
+    W = W - (W @ sigma_hat - b) @ A
+    return W, W
+
+  W0 = jnp.zeros(Y.shape[:-1] + (d,), X.dtype)
+  _, Ws = jax.lax.scan(step, W0, length=steps)
+  return jnp.concatenate([W0[None], Ws], axis=0)
+
+
+def least_squares(X: jax.Array, Y: jax.Array) -> jax.Array:
+  """Minimum-norm least squares W = Y X⁺: [batch, d_out, d] (the fixed point GD converges to)."""
+  return Y @ jnp.linalg.pinv(X)
+
+
+def ridge(X: jax.Array, Y: jax.Array, regularization) -> jax.Array:
+  """argmin_W (1/2n)||W X − Y||² + (λ/2)||W||² = (Y Xᵀ/n)(Σ̂ + λ I)⁻¹: [batch, d_out, d]."""
+  d, n = X.shape[-2], X.shape[-1]
+  lam = jnp.asarray(regularization, X.dtype)
+  lhs = empirical_covariance(X) + lam[..., None, None] * jnp.eye(d, dtype=X.dtype)
+  rhs = Y @ jnp.swapaxes(X, -1, -2) / n
+  # Solve W lhs = rhs via lhsᵀ Wᵀ = rhsᵀ (lhs is symmetric).
+  return jnp.swapaxes(jnp.linalg.solve(lhs, jnp.swapaxes(rhs, -1, -2)), -1, -2)
+
+
+def covariance_extremes(X: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(λ_min, λ_max) of Σ̂ per prompt: two [batch] arrays (λ_min = 0 when n < d)."""
+  eig = jnp.linalg.eigvalsh(empirical_covariance(X))
+  return jnp.maximum(eig[..., 0], 0.0), eig[..., -1]
+
+
+def kappa_hat(X: jax.Array) -> jax.Array:
+  """κ̂ = λ_max / λ_min of Σ̂ per prompt: [batch] (inf when Σ̂ is singular)."""
+  lo, hi = covariance_extremes(X)
+  return jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), jnp.inf)
+
+
+def optimal_step_size(X: jax.Array) -> jax.Array:
+  """Per-prompt optimal constant step η* = 2 / (λ_max + λ_min) of Σ̂: [batch]."""
+  lo, hi = covariance_extremes(X)
+  return 2.0 / (hi + lo)
+
+
+def convergence_rate(kappa, step: str = "optimal"):
+  """Per-step contraction of GD on a problem with condition number κ̂ (PAPERS.md §3).
+
+  step="optimal" (η = 2/(λ_max+λ_min)): (κ̂ − 1)/(κ̂ + 1);  step="inverse_max" (η = 1/λ_max): 1 − 1/κ̂.
+  """
+  kappa = jnp.asarray(kappa)
+  if step == "optimal":
+    return (kappa - 1.0) / (kappa + 1.0)
+  if step == "inverse_max":
+    return 1.0 - 1.0 / kappa
+  raise ValueError(f"step={step!r} is invalid; allowed: optimal | inverse_max")
+
+
+def rate_bound(kappa, steps: int, step: str = "optimal") -> jax.Array:
+  """The theory line ρ(κ̂)^t for t = 0..steps: [steps + 1, *kappa.shape].
+
+  ||W_t − W_LS||_F ≤ ρ^t ||W_0 − W_LS||_F, so relative weight error ≤ ρ^t and a squared error
+  ≤ ρ^{2t} times its value at t = 0.
+  """
+  t = jnp.arange(steps + 1).reshape((-1,) + (1,) * jnp.ndim(kappa))
+  return convergence_rate(kappa, step) ** t
+
+
+def gd_error_bound(X: jax.Array, Y: jax.Array, *, steps: int, step_size) -> jax.Array:
+  """Per-prompt bound on ||W_t − W_LS||_F for GD with step η, t = 0..steps: [steps + 1, batch].
+
+  W_t − W_LS = (W_0 − W_LS)(I − η Σ̂)^t and W_LS lies in the row space of X, so the contraction
+  is ρ = max over the non-zero eigenvalues λ of Σ̂ of |1 − η λ|.
+  """
+  eig = jnp.linalg.eigvalsh(empirical_covariance(X))              # [batch, d]
+  positive = eig > 1e-10 * eig[..., -1:]
+  rho = jnp.max(jnp.where(positive, jnp.abs(1.0 - step_size * eig), 0.0), axis=-1)
+  initial = jnp.linalg.norm(least_squares(X, Y), axis=(-2, -1))
+  t = jnp.arange(steps + 1)[:, None]
+  return rho[None] ** t * initial[None]
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def gd_query_error(X, Y, X_query, targets, *, steps: int, step_sizes: jax.Array) -> jax.Array:
+  """Mean query MSE over the batch after `steps` GD steps, for each step size: [len(step_sizes)].
+
+  Non-finite errors (divergence) are reported as +inf so that a search never picks them.
+  """
+  def error(eta):
+    W_T = gd_iterates(X, Y, steps=steps, step_size=eta)[-1]
+    err = jnp.mean(jnp.square(W_T @ X_query - targets))
+    return jnp.where(jnp.isfinite(err), err, jnp.inf)
+  return jax.lax.map(error, jnp.asarray(step_sizes, X.dtype))
+
+
+def best_constant_step(X, Y, X_query, targets, *, steps: int, rel_tol: float = 1e-4,
+                       grid_points: int = 48) -> tuple[float, float]:
+  """The constant step η minimizing the batch-mean query MSE after `steps` GD steps.
+
+  The error has a cliff just past the optimum (a single prompt starts to diverge), so a coarse
+  grid misstates it: a log grid over [1e-4·η_hi, η_hi] (η_hi = 4 / min_prompt λ_max, past which
+  every prompt diverges) is zoomed around its best point until the bracket is narrower than
+  `rel_tol`·η — far finer than the 3 significant digits a baseline needs.
+  Returns (η, error at η) as Python floats.
+  """
+  _, lam_max = covariance_extremes(X)
+  hi = 4.0 / float(jnp.min(lam_max))
+  grid = np.geomspace(1e-4 * hi, hi, grid_points)
+  while True:
+    errors = np.asarray(gd_query_error(X, Y, X_query, targets, steps=steps, step_sizes=grid))
+    i = int(np.argmin(errors))
+    lo_edge, hi_edge = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    if (hi_edge - lo_edge) <= rel_tol * grid[i] or not np.isfinite(errors[i]):
+      return float(grid[i]), float(errors[i])
+    grid = np.linspace(lo_edge, hi_edge, 17)

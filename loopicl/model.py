@@ -1,0 +1,139 @@
+"""The looped linear transformer (PAPERS.md §2).
+
+One linear self-attention block, the same (P, Q) applied in every loop:
+
+    Z_{t+1} = Z_t + (1/n) · P · Z_t M Z_tᵀ · Q · Z_t,      M = diag(1_n, 0_m)
+
+M drops the m query columns from the keys and values, so a query only ever influences itself.
+The read-out after loop t is Ŷ_t = −Z_t[d:, n:], the bottom-right d_out × m block.
+
+`loop_readouts` is the pure function of arrays; `LoopedLinearTransformer` is the NNX module that
+holds the parameters and calls it.  The default ("reassociated") form computes the D × D matrix
+P (Z M Zᵀ) Q once per loop, O(n·D²); the textbook form P · Z M · (Zᵀ Q Z) builds the
+(n+m) × (n+m) attention matrix, O(n²·D), and is kept only as a reference and benchmark baseline.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PARAMETERIZATIONS = ("full", "gd")
+ATTENTION_FORMS = ("reassociated", "textbook")
+
+
+def _check_positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= 1")
+
+
+def loop_readouts(P: jax.Array, Q: jax.Array, Z0: jax.Array, *, loops: int, d_out: int,
+                  n_queries: int = 1, form: str = "reassociated", remat: bool = False,
+                  unroll: int | bool = 1) -> jax.Array:
+  """Runs the loop and returns the read-out after every loop.
+
+  Args:
+    P, Q: [D, D] value and key-query matrices, D = d + d_out.
+    Z0: [batch, D, n + m] prompts; the last m = n_queries columns are the queries.
+    loops: T, the number of loops.
+    d_out: rows of the read-out block.
+    form: "reassociated" (O(n·D²) per loop) or "textbook" (O(n²·D)); same numbers.
+    remat: rematerialize each loop in the backward pass (memory O(1) in T instead of O(T)).
+    unroll: `lax.scan` unroll factor (True: fully unrolled).
+  Returns:
+    [loops, batch, d_out, m]: element t−1 is the prediction Ŷ_t = −Z_t[d:, n:] after t loops.
+  """
+  _check_positive_int("loops", loops)
+  _check_positive_int("n_queries", n_queries)
+  if form not in ATTENTION_FORMS:
+    raise ValueError(f"form={form!r} is invalid; allowed: {' | '.join(ATTENTION_FORMS)}")
+  D, columns = Z0.shape[-2], Z0.shape[-1]
+  n = columns - n_queries
+  if n < 1:
+    raise ValueError(f"n_queries={n_queries} leaves n_context={n} columns; allowed: n_context >= 1")
+  if P.shape != (D, D) or Q.shape != (D, D):
+    raise ValueError(f"P and Q must be [{D}, {D}] for prompts with D={D} rows; got {P.shape}, {Q.shape}")
+  d = D - d_out
+  step = _loop_step(P, Q, n, form)
+
+  def one_loop(Z, _):
+    Z = step(Z)
+    return Z, -Z[..., d:, n:]
+
+  if remat:
+    one_loop = jax.checkpoint(one_loop)
+  _, readouts = jax.lax.scan(one_loop, Z0, length=loops, unroll=unroll)
+  return readouts
+
+
+def _loop_step(P, Q, n: int, form: str):
+  """One application of the block, Z -> Z + (1/n) P Z M Zᵀ Q Z, in the chosen form."""
+  def step(Z):
+    context = Z[..., :n]                                   # [batch, D, n]: M keeps the context.
+    if form == "reassociated":
+      gram = context @ jnp.swapaxes(context, -1, -2)       # Z M Zᵀ: [batch, D, D]
+      return Z + ((P @ gram @ Q) / n) @ Z                  # O(n·D²)
+    attention = jnp.swapaxes(context, -1, -2) @ Q @ Z      # M Zᵀ Q Z without the zero rows: [batch, n, n + m]
+    return Z + (P @ context @ attention) / n               # O(n²·D)
+  return step
+
+
+def loop_states(P: jax.Array, Q: jax.Array, Z0: jax.Array, *, loops: int, n_queries: int = 1,
+                form: str = "reassociated") -> jax.Array:
+  """Every prompt matrix Z_1 … Z_T: [loops, batch, D, n + m] (for inspection, not training)."""
+  _check_positive_int("loops", loops)
+  n = Z0.shape[-1] - n_queries
+  step = _loop_step(P, Q, n, form)
+  _, states = jax.lax.scan(lambda Z, _: (step(Z),) * 2, Z0, length=loops)
+  return states
+
+
+def gd_weights(A: jax.Array, d_out: int) -> tuple[jax.Array, jax.Array]:
+  """(P, Q) of the GD construction with preconditioner A: P = [[0,0],[0,I]], Q = [[−A,0],[0,0]]."""
+  d = A.shape[-1]
+  D = d + d_out
+  P = jnp.zeros((D, D), A.dtype).at[d:, d:].set(jnp.eye(d_out, dtype=A.dtype))
+  Q = jnp.zeros((D, D), A.dtype).at[:d, :d].set(-A)
+  return P, Q
+
+
+class LoopedLinearTransformer(nnx.Module):
+  """A linear attention block whose weights are shared across `loops` applications.
+
+  Parameterizations:
+    * "full": P and Q free, entries ~ N(0, init_scale²) (2·D² parameters);
+    * "gd":   P = [[0,0],[0,I]] fixed, Q = [[−A,0],[0,0]], only A ([d, d], init init_scale·I) learned.
+  """
+
+  def __init__(self, d: int, d_out: int = 1, parameterization: str = "full", *,
+               init_scale: float = 0.05, remat: bool = False, unroll: int | bool = 1,
+               form: str = "reassociated", dtype=None, rngs: nnx.Rngs):
+    _check_positive_int("d", d)
+    _check_positive_int("d_out", d_out)
+    if parameterization not in PARAMETERIZATIONS:
+      raise ValueError(f"parameterization={parameterization!r} is invalid; allowed: "
+                       f"{' | '.join(PARAMETERIZATIONS)}")
+    if form not in ATTENTION_FORMS:
+      raise ValueError(f"form={form!r} is invalid; allowed: {' | '.join(ATTENTION_FORMS)}")
+    self.d, self.d_out, self.parameterization = d, d_out, parameterization
+    self.remat, self.unroll, self.form = remat, unroll, form
+    dtype = dtype or jnp.result_type(float)
+    D = d + d_out
+    if parameterization == "full":
+      self.P = nnx.Param(init_scale * jax.random.normal(rngs.params(), (D, D), dtype))
+      self.Q = nnx.Param(init_scale * jax.random.normal(rngs.params(), (D, D), dtype))
+    else:
+      self.A = nnx.Param(init_scale * jnp.eye(d, dtype=dtype))
+
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """The effective (P, Q), each [D, D], whatever the parameterization."""
+    if self.parameterization == "full":
+      return self.P[...], self.Q[...]
+    return gd_weights(self.A[...], self.d_out)
+
+  def __call__(self, Z0: jax.Array, loops: int, n_queries: int = 1) -> jax.Array:
+    """Z0: [batch, D, n + m] -> read-outs [loops, batch, d_out, m] (element t−1: after t loops)."""
+    P, Q = self.weights()
+    return loop_readouts(P, Q, Z0, loops=loops, d_out=self.d_out, n_queries=n_queries,
+                         form=self.form, remat=self.remat, unroll=self.unroll)

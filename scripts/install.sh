@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs loopicl and everything it needs. Shared by .ci/run and the Dockerfile.
+#   LOOPICL_VENV=path   where to create the virtual environment (default .venv; "none": system python)
+#   LOOPICL_JAX=cpu|cuda12|cuda13   which jax build to install (default cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${LOOPICL_VENV:-.venv}"
+python="${PYTHON:-python3}"
+if [ "$venv" != "none" ]; then
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  python="$venv/bin/python"
+fi
+"$python" -m pip install -q --upgrade pip
+case "${LOOPICL_JAX:-cpu}" in
+  cpu) ;;
+  cuda12|cuda13) "$python" -m pip install -q "jax[${LOOPICL_JAX}]" ;;
+  *) echo "LOOPICL_JAX=${LOOPICL_JAX} is invalid; allowed: cpu | cuda12 | cuda13" >&2; exit 2 ;;
+esac
+"$python" -m pip install -q -e ".[test]"
+"$python" -c "import jax, flax, optax, orbax.checkpoint, loopicl; print('loopicl', loopicl.__version__, 'jax', jax.__version__, jax.devices())"
