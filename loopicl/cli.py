@@ -1,0 +1,55 @@
+"""Command-line entry points (scripts/*.py and the console scripts call these).
+
+Errors a user can fix (a bad config field, an incompatible workdir, a non-finite loss) are
+printed as one line on stderr with exit status 2 (config) or 1 (run) — never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+
+def _train_flags():
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.", required=True)
+  flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                  lock_config=True)
+
+
+def _fail(message: str, status: int):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def _train_main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; allowed: --config, --workdir, --config.<field>=<value>", 2)
+  from loopicl import config as config_lib, train
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
+  FLAGS = flags.FLAGS
+  if FLAGS.config is None:
+    _fail("--config is required; allowed: a config file such as configs/default.py", 2)
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  except config_lib.ConfigError as e:
+    _fail(str(e), 2)
+  except train.RunError as e:
+    _fail(str(e), 1)
+  print(train.summary(result, FLAGS.config))
+
+
+def _parse_flags(argv):
+  """absl's parser, with flag errors (unknown or ill-typed --config.* fields) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # flags.Error, or AttributeError/KeyError/TypeError from config_flags
+    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    bad = [a for a in argv[1:] if a.startswith("--config.")]
+    _fail(f"bad command-line flag ({message}); config overrides given: {' '.join(bad) or 'none'}", 2)
+
+
+def run_train():
+  _train_flags()
+  app.run(_train_main, flags_parser=_parse_flags)

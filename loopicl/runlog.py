@@ -1,0 +1,141 @@
+"""Everything a run writes for people to read: TensorBoard events, metrics.jsonl, a progress bar.
+
+TensorBoard files are written with tensorboardX (no TensorFlow).  `metrics.jsonl` holds one JSON
+object per evaluation; on resume, lines from steps after the restored checkpoint (written by the
+interrupted process after its last save) are dropped, so a resumed run's file is identical to an
+uninterrupted run's.  Only process 0 writes (multi-host runs).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, float)):
+    x = float(x)
+    return x if math.isfinite(x) else str(x)  # JSON has no NaN/inf: write "nan", "inf"
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+class RunLog:
+  """TensorBoard writer + metrics.jsonl of one run (no-op on processes other than 0)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(logdir=workdir, flush_secs=10)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops metrics.jsonl lines with step > `step` (written after the checkpoint we resume)."""
+    if not (self.enabled and os.path.exists(self.metrics_path)):
+      return
+    with open(self.metrics_path) as f:
+      lines = [line for line in f if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+      tmp = self.metrics_path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.metrics_path)  # atomic: a crash here leaves the old file whole
+
+  def write_metrics(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.metrics_path, "a") as f:
+        f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+
+  def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+    if self._writer is None:
+      return
+    for k, v in values.items():
+      if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+        self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
+
+  def figure(self, step: int, tag: str, fig) -> None:
+    if self._writer is None:
+      return
+    self._writer.add_figure(tag, fig, global_step=step, close=True)
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if self._writer is not None:
+      self._writer.add_text(tag, text, global_step=step)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def weight_heatmaps(P, Q, P_ref, Q_ref, title: str = ""):
+  """Learned P, Q beside the construction, each pair on one symmetric colour scale."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+  pairs = [(P, "learned P"), (P_ref, "construction P"), (Q, "learned Q"), (Q_ref, "construction Q")]
+  for i, (mat, name) in enumerate(pairs):
+    partner = pairs[i ^ 1][0]
+    vmax = max(np.abs(mat).max(), np.abs(partner).max(), 1e-12)
+    im = axes[i].imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    axes[i].set_title(name)
+    axes[i].set_xticks([]), axes[i].set_yticks([])
+    fig.colorbar(im, ax=axes[i], fraction=0.046)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+class ProgressBar:
+  """One terminal line: step/total, loss, steps/s, ETA (rewritten in place on a TTY)."""
+
+  def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True):
+    self.total, self.start = total, start
+    self.stream = stream or sys.stderr
+    self.enabled = enabled
+    self.t0 = time.time()
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self._last_print = 0.0
+
+  def update(self, step: int, loss: float, steps_per_s: float) -> None:
+    if not self.enabled:
+      return
+    now = time.time()
+    if not self.tty and now - self._last_print < 5.0 and step < self.total:
+      return  # in a log file, one line every few seconds is plenty
+    self._last_print = now
+    frac = step / max(self.total, 1)
+    width = 24
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+    line = f"[{bar}] {step}/{self.total} loss {loss:.3e} {steps_per_s:7.1f} steps/s ETA {eta_s}"
+    if self.tty:
+      self.stream.write("\r" + line)
+    else:
+      self.stream.write(line + "\n")
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
