@@ -72,36 +72,55 @@ def loops_at(config, step: int) -> int:
 
 # -- the jitted chunk of steps --------------------------------------------------------------------
 
-def make_train_chunk(objective, graphdef, tx, batch_size: int, loops: int):
-  """A jitted pure function (state, first_step, length) -> (state, metrics) running `length` steps.
+def make_train_step(objective, graphdef, tx, batch_size: int, loops: int):
+  """The pure step (state, step) -> (state, metrics): sample, loss, gradient, optax update.
 
   state = {"params", "opt_state", "data_key"} (pytrees of arrays).  Step s draws its batch from
-  fold_in(data_key, s) on device.  A step whose loss or gradient is not finite leaves the state
-  unchanged and every later step of the chunk is skipped too; `first_bad_step` reports it.
+  fold_in(data_key, s) on device, so the data is a function of the step alone.
   """
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params)
     return objective.loss(model, batch, loops)
 
-  def one_step(carry, step):
-    state, bad = carry
+  def step_fn(state, step):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["data_key"]), step)
     batch = objective.sample(key, batch_size)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (bad < 0)
     new_state = {"params": params, "opt_state": opt_state, "data_key": state["data_key"]}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+  return step_fn
+
+
+def scan_steps(step_fn, state, first_step, length: int):
+  """Runs `length` steps from `first_step` in one lax.scan: (state, first_bad_step, metrics).
+
+  A step whose loss or gradient is not finite leaves the state unchanged, and so do all later
+  steps of the scan; first_bad_step is that step (−1 if none), so the host can stop cleanly
+  with the last good state.
+  """
+  def body(carry, step):
+    state, bad = carry
+    new_state, metrics = step_fn(state, step)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & (bad < 0)
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     bad = jnp.where((bad < 0) & ~ok, step, bad)
-    return (state, bad), {"loss": loss, "grad_norm": grad_norm, **aux}
+    return (state, bad), metrics
+
+  steps = first_step + jnp.arange(length, dtype=jnp.int32)
+  (state, bad), metrics = jax.lax.scan(body, (state, jnp.int32(-1)), steps)
+  return state, bad, metrics
+
+
+def make_train_chunk(objective, graphdef, tx, batch_size: int, loops: int):
+  """A jitted (state, first_step, length) -> (state, first_bad_step, metrics); state is donated."""
+  step_fn = make_train_step(objective, graphdef, tx, batch_size, loops)
 
   @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
   def chunk(state, first_step, length):
-    steps = first_step + jnp.arange(length, dtype=jnp.int32)
-    (state, bad), metrics = jax.lax.scan(one_step, (state, jnp.int32(-1)), steps)
-    return state, bad, metrics
+    return scan_steps(step_fn, state, first_step, length)
 
   return chunk
 
