@@ -16,7 +16,9 @@ from loopicl import tasks
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 LOSS_NORMALIZATIONS = ("none", "gd")
+MODEL_INITS = ("random", "gd")  # model.init: random weights | the GD construction (step init_step) + noise
 CONCEPT_KINDS = ("concept_classification",)
+ATTENTION_FORMS = ("reassociated", "textbook")  # model.form: as loopicl.model.ATTENTION_FORMS
 
 # Fields that fix the shapes of the parameters and optimizer state: a checkpoint written under one
 # value cannot be restored under another.
@@ -67,14 +69,14 @@ def known_fields() -> dict:
   return {
       "task": set(tasks.default_config().keys()) | set(_concept_task_fields()),
       "model": {"parameterization", "loops", "init_scale", "remat", "unroll", "mlp_width",
-                "heads", "attention_init_scale"},
+                "heads", "attention_init_scale", "init", "init_step", "form"},
       "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
                 "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
                 "loss_normalization", "curriculum_start", "curriculum_every",
                 "curriculum_increment", "steps_per_call", "log_every"},
       "eval": {"every", "num_prompts", "seed"},
       "checkpoint": {"every", "keep"},
-      "": {"task", "model", "train", "eval", "checkpoint", "distributed"},
+      "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
   }
 
 
@@ -118,6 +120,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _int(cfg, "model", "unroll")
   if cfg.task.kind in tasks.TASK_KINDS:
     _choice(cfg, "model", "parameterization", ("full", "gd"))
+  # Optional (configs written before they existed lack them): the GD warm start.
+  if "init" in cfg.model:
+    _choice(cfg, "model", "init", MODEL_INITS)
+  if "init_step" in cfg.model:
+    _real(cfg, "model", "init_step", 0.0, strict=True)
+  if "form" in cfg.model:  # optional: configs written before it existed lack it
+    _choice(cfg, "model", "form", ATTENTION_FORMS)
+  if "cpu_devices" in cfg:
+    v = cfg.cpu_devices
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+      _fail("cpu_devices", v, "an integer >= 0 (0: JAX's default device count)")
+  if "distributed" in cfg and not isinstance(cfg.distributed, bool):
+    _fail("distributed", cfg.distributed, "True | False")
   _int(cfg, "train", "seed", 0)
   _int(cfg, "train", "steps")
   _int(cfg, "train", "batch_size")

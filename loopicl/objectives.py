@@ -48,9 +48,22 @@ class LinearRegressionObjective:
   # -- model and data ---------------------------------------------------------------------------
   def create_model(self, rngs: nnx.Rngs) -> LoopedLinearTransformer:
     m = self.config.model
-    return LoopedLinearTransformer(self.task.d, self.task.d_out, m.parameterization,
-                                   init_scale=m.init_scale, remat=m.remat, unroll=m.unroll,
-                                   rngs=rngs)
+    model = LoopedLinearTransformer(self.task.d, self.task.d_out, m.parameterization,
+                                    init_scale=m.init_scale, remat=m.remat, unroll=m.unroll,
+                                    rngs=rngs)
+    if m.get("init", "random") == "gd":
+      # Warm start at the GD construction with a small step η₀: the loop starts contractive on
+      # every prompt, so large T cannot blow up at initialisation.  For `full` the random draw
+      # N(0, init_scale²) stays on top as noise, so the off-construction blocks can still learn.
+      eta0 = float(m.get("init_step", 0.1))
+      P_gd, Q_gd = construction.gd_params(self.task.d, self.task.d_out, step_size=eta0,
+                                          dtype=jnp.result_type(float))
+      if m.parameterization == "full":
+        model.P[...] = model.P[...] + P_gd
+        model.Q[...] = model.Q[...] + Q_gd
+      else:
+        model.A[...] = eta0 * jnp.eye(self.task.d, dtype=model.A[...].dtype)
+    return model
 
   def sample(self, key, batch_size: int) -> tasks.Batch:
     return tasks.sample(key, self.task, batch_size)
