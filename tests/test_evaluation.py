@@ -1,0 +1,368 @@
+"""The evaluation report: exact on the GD construction, numpy float64 references for the
+baselines, monotone distances under perturbation, non-finite robustness, figures ⊆ report.json.
+
+All tests share one small task config so each jitted computation compiles once per session.
+"""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopicl import construction, evaluation, model as model_lib, plots, tasks
+from tests import numpy_reference as ref
+
+D_IN, D_OUT, M, N = 4, 1, 4, 12  # m = d: vector generation shares every compiled shape
+T, L, PROMPTS = 6, 12, 256
+
+
+def _task(**kw):
+  c = tasks.default_config()
+  c.d, c.d_out, c.n_queries, c.n_context = D_IN, D_OUT, M, N
+  c.condition_number, c.rotate, c.noise_std = 4.0, True, 0.3  # PGD ≠ GD, ridge λ* > 0
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _analyze(P, Q, task=None, **kw):
+  kw = {"trained_loops": T, "loops_max": L, "num_prompts": PROMPTS, "seed": 3, **kw}
+  return evaluation.analyze(np.asarray(P), np.asarray(Q), task or _task(), **kw)
+
+
+def _prompts(task, seed, which, count=PROMPTS):
+  """The analysis' documented prompt sets: which=0 evaluation, which=1 scans."""
+  return tasks.sample(jax.random.fold_in(jax.random.key(seed), which), task, count)
+
+
+def _best_step(task, seed=3):
+  with jax.enable_x64(True):
+    s = _prompts(task, seed, 1)
+    return construction.best_constant_step(s.X, s.Y, s.X_query, s.targets, steps=T)[0]
+
+
+def _construction(step, d=D_IN, d_out=D_OUT, **kw):
+  with jax.enable_x64(True):
+    return tuple(np.asarray(w) for w in construction.gd_params(d, d_out, step_size=step, **kw))
+
+
+@pytest.fixture(scope="module")
+def gd_report():
+  eta = _best_step(_task())
+  P, Q = _construction(eta)
+  return eta, P, Q, _analyze(P, Q)
+
+
+def test_construction_is_exactly_gd(gd_report):
+  eta, P, Q, r = gd_report
+  assert r["gd_step_size"] == pytest.approx(eta, rel=1e-12)  # the scan prompts are as documented
+  assert json.loads(json.dumps(r, allow_nan=False)) == r  # plain JSON as returned, no cleaning needed
+  assert r["loops"] == list(range(1, L + 1))
+  for key in evaluation.PER_LOOP_KEYS:
+    assert len(r[key]) == L, key
+  assert r["weight_distance"] < 1e-7 and r["offblock_fraction"] < 1e-7
+  assert r["gd_step_equivalent"] == pytest.approx(eta, rel=1e-12)
+  np.testing.assert_allclose(r["model_error"], r["gd_error"], rtol=1e-9)
+  np.testing.assert_allclose(r["sensitivity_cosine"], 1.0, atol=1e-12)
+  # Distances are 0 to rounding, relative to the size of the things compared (W_t, ŷ ~ 1).
+  assert max(r["sensitivity_l2"]) < 1e-12 and max(r["prediction_l2"]) < 1e-12
+  assert sum(r["model_error_nonfinite"]) == 0
+  # The construction is its own nearest point on the orbit: scale 1, and a flat line at GD's error.
+  assert r["interpolation_scale"] == pytest.approx(1.0, abs=1e-9)
+  assert len(r["interpolation"]) >= 11
+  np.testing.assert_allclose([p["error"] for p in r["interpolation"]], r["gd_error"][T - 1], rtol=1e-6)
+  assert r["preconditioner_asymmetry"] == 0 and r["preconditioner_complex_eigenvalues"] == 0
+  np.testing.assert_allclose(r["implied_preconditioner"], eta * np.eye(D_IN), rtol=1e-12)
+  assert r["preconditioner_cosine_identity"] == pytest.approx(1.0, abs=1e-12)
+  assert any("matches" in f for f in r["findings"])
+
+
+def test_perturbation_grows_every_distance(gd_report):
+  eta, P, Q, _ = gd_report
+  rng = np.random.default_rng(0)
+  R1, R2 = rng.standard_normal(P.shape), rng.standard_normal(Q.shape)
+  previous = None
+  for eps in (1e-3, 1e-2, 5e-2):
+    r = _analyze(P + eps * R1, Q + eps * R2)
+    now = {k: r[k] for k in ("weight_distance", "offblock_fraction")}
+    now.update({k: r[k][T - 1] for k in ("sensitivity_l2", "prediction_l2")})
+    now["1 - sensitivity_cosine"] = 1 - r["sensitivity_cosine"][T - 1]
+    assert all(v > 0 for v in now.values()), now
+    if previous is not None:
+      for k in now:
+        assert now[k] > previous[k], (k, eps)
+    previous = now
+
+
+def test_sensitivity_probes_equal_autodiff():
+  """The probe-column sensitivities equal jax.jvp / jax.jacrev through the model, every query."""
+  d_out = 2  # the general case: a [d_out, d] sensitivity per query
+  D, m, n, loops = D_IN + d_out, 3, N, 3
+  rng = np.random.default_rng(d_out)
+  Z0 = rng.standard_normal((8, D, n + m))
+  Z0[:, D_IN:, n:] = 0.0  # query labels are hidden
+  with jax.enable_x64(True):
+    Z0 = jnp.asarray(Z0)
+    P, Q = (jnp.asarray(0.3 * rng.standard_normal((D, D))) for _ in range(2))
+    preds, S = evaluation.query_sensitivities(P, Q, Z0, loops=loops, d_out=d_out, n_queries=m)
+    auto = evaluation.query_sensitivities_autodiff(P, Q, Z0, loops=loops, d_out=d_out, n_queries=m)
+    plain = model_lib.loop_readouts(P, Q, Z0, loops=loops, d_out=d_out, n_queries=m)
+    assert S.shape == (loops, 8, d_out, D_IN) and auto.shape == (loops, 8, d_out, m, D_IN)
+    np.testing.assert_allclose(preds, plain, rtol=1e-12, atol=1e-14)
+    for j in range(m):
+      np.testing.assert_allclose(S, auto[..., j, :], rtol=1e-10, atol=1e-13)
+    # ŷ is linear in x_q given the context: ŷ_t = S_t x_q.
+    np.testing.assert_allclose(preds, S @ Z0[:, :D_IN, n:], rtol=1e-10, atol=1e-13)
+    # And one full reverse-mode Jacobian for a single prompt agrees too.
+    jac = jax.jacrev(lambda xq: model_lib.loop_readouts(
+        P, Q, Z0[:1].at[:, :D_IN, n:].set(xq), loops=loops, d_out=d_out, n_queries=m))(Z0[:1, :D_IN, n:])
+    # jac: [loops, 1, d_out, m, 1, d, m]; the diagonal in the query index is S, the rest 0.
+    for j in range(m):
+      np.testing.assert_allclose(jac[:, 0, :, j, 0, :, j], S[:, 0], rtol=1e-10, atol=1e-13)
+    assert np.all(np.asarray(jac[:, 0, :, 0, 0, :, 1]) == 0)
+
+
+def test_baselines_against_numpy():
+  """PGD (A = c*·Σ⁻¹), ridge at λ*, least squares and the theory line, recomputed in numpy float64."""
+  task = _task()
+  P, Q = _construction(0.3)
+  r = _analyze(P, Q)
+  with jax.enable_x64(True):
+    ev, sc = _prompts(task, 3, 0), _prompts(task, 3, 1)
+  X, Y, Xq, tg = (np.asarray(v, np.float64) for v in (ev.X, ev.Y, ev.X_query, ev.targets))
+  sigma_inv = np.linalg.inv(tasks.covariance(task))
+  c = r["pgd_scale"]
+  W = ref.preconditioned_gd(X, Y, c * sigma_inv, L)
+  pgd = [np.mean((W[t] @ Xq - tg) ** 2) for t in range(1, L + 1)]
+  np.testing.assert_allclose(r["pgd_error"], pgd, rtol=1e-10)
+  W = ref.preconditioned_gd(X, Y, r["gd_step_size"] * np.eye(D_IN), L)
+  np.testing.assert_allclose(r["gd_error"], [np.mean((W[t] @ Xq - tg) ** 2) for t in range(1, L + 1)],
+                             rtol=1e-10)
+  assert abs(r["pgd_error"][T - 1] / r["gd_error"][T - 1] - 1) > 1e-3  # Σ ≠ I: a different baseline
+
+  # c* is the best scale on the *scan* prompts, to 3 significant digits.
+  Xs, Ys, Xqs, tgs = (np.asarray(v, np.float64) for v in (sc.X, sc.Y, sc.X_query, sc.targets))
+
+  def scan_pgd(cc):
+    return np.mean((ref.preconditioned_gd(Xs, Ys, cc * sigma_inv, T)[-1] @ Xqs - tgs) ** 2)
+  assert scan_pgd(c) <= min(scan_pgd(c * 1.001), scan_pgd(c * 0.999))
+
+  def ridge_pred(Xa, Ya, Xqa, lam):
+    n = Xa.shape[-1]
+    Wr = np.stack([y @ x.T @ np.linalg.inv(x @ x.T + n * lam * np.eye(D_IN)) for x, y in zip(Xa, Ya)])
+    return Wr @ Xqa
+  lam = r["ridge_lambda"]
+  assert r["ridge_error"] == [pytest.approx(np.mean((ridge_pred(X, Y, Xq, lam) - tg) ** 2), rel=1e-10)] * L
+  # With label noise the best λ is interior, and it is a local optimum on the scan prompts.
+  scan_ridge = [np.mean((ridge_pred(Xs, Ys, Xqs, lam * f) - tgs) ** 2) for f in (1 / 1.01, 1.0, 1.01)]
+  assert lam > 1e-6 and scan_ridge[1] <= min(scan_ridge[0], scan_ridge[2])
+  W_ls = np.stack([np.linalg.lstsq(x.T, y.T, rcond=None)[0].T for x, y in zip(X, Y)])
+  assert r["least_squares_error"][0] == pytest.approx(np.mean((W_ls @ Xq - tg) ** 2), rel=1e-9)
+  assert r["ridge_error"][0] < r["least_squares_error"][0]  # ridge helps with noise, n = 3d
+
+  eig = np.linalg.eigvalsh(X @ np.swapaxes(X, 1, 2) / N)
+  kappa = np.median(eig[:, -1] / eig[:, 0])
+  rho = (kappa - 1) / (kappa + 1)
+  e0 = np.mean(tg ** 2)
+  np.testing.assert_allclose(r["bound"], [e0 * rho ** (2 * t) for t in range(1, L + 1)], rtol=1e-10)
+
+
+def test_nonsymmetric_preconditioner_findings():
+  """A = η·I + skew part: the report finds the asymmetry, the complex pairs, and the error vs numpy."""
+  task = _task()
+  rng = np.random.default_rng(2)
+  S = rng.standard_normal((D_IN, D_IN))
+  A = 0.3 * np.eye(D_IN) + 0.1 * (S - S.T)
+  P, Q = _construction(None, preconditioner=A)
+  r = _analyze(2.0 * P, Q / 2.0)  # the (cP, Q/c) symmetry changes nothing in the report
+  assert r["preconditioner_asymmetry"] == pytest.approx(np.linalg.norm(A - A.T) / np.linalg.norm(A), rel=1e-12)
+  assert r["preconditioner_max_asymmetry"] == pytest.approx(np.max(np.abs(A - A.T)), rel=1e-12)
+  eig = np.linalg.eigvals(A)
+  assert r["preconditioner_complex_eigenvalues"] == int(np.sum(np.abs(eig.imag) > 1e-9)) == D_IN
+  np.testing.assert_allclose(sorted(r["preconditioner_eigenvalues_imag"]), sorted(eig.imag), atol=1e-12)
+  assert r["interpolation_scale"] > 0 and r["weight_distance"] > 0.1 and r["offblock_fraction"] < 1e-7
+  text = " ".join(r["findings"])
+  assert "non-symmetric" in text and f"{D_IN} complex eigenvalues" in text
+  with jax.enable_x64(True):
+    ev = _prompts(task, 3, 0)
+  W = ref.preconditioned_gd(ev.X, ev.Y, A, L)
+  expected = [np.mean((W[t] @ np.asarray(ev.X_query) - np.asarray(ev.targets)) ** 2) for t in range(1, L + 1)]
+  np.testing.assert_allclose(r["model_error"], expected, rtol=1e-9)
+  # The line's ends: the learned model, and the rescaled construction = the same function as GD.
+  assert r["interpolation"][0]["error"] == pytest.approx(r["model_error"][T - 1], rel=1e-12)
+  assert r["interpolation"][-1]["error"] == pytest.approx(r["gd_error"][T - 1], rel=1e-9)
+  ratio = r["model_error"][T - 1] / r["gd_error"][T - 1]
+  assert f"{ratio:.3g}× the best constant-step GD" in text
+
+
+def test_nearest_on_orbit_matches_brute_force():
+  rng = np.random.default_rng(4)
+  Pc, Qc = _construction(0.4)
+  for c_true in (-2.5, 0.3, 4.0):
+    assert evaluation.nearest_on_orbit(c_true * Pc, Qc / c_true, Pc, Qc) == pytest.approx(c_true, rel=1e-9)
+  PL, QL = Pc * 1.7 + 0.2 * rng.standard_normal(Pc.shape), Qc / 1.7 + 0.2 * rng.standard_normal(Qc.shape)
+  grid = np.concatenate([-np.geomspace(1e-2, 1e2, 40001), np.geomspace(1e-2, 1e2, 40001)])
+  cost = [np.sum((PL - c * Pc) ** 2) + np.sum((QL - Qc / c) ** 2) for c in grid]
+  c = evaluation.nearest_on_orbit(PL, QL, Pc, Qc)
+  assert c == pytest.approx(grid[int(np.argmin(cost))], rel=1e-3)
+  assert np.sum((PL - c * Pc) ** 2) + np.sum((QL - Qc / c) ** 2) <= min(cost) + 1e-12
+
+
+def _artist_data(fig):
+  """gid → plotted numbers for every tagged artist of a figure."""
+  out = {}
+  for ax in fig.axes:
+    for artist in list(ax.lines) + list(ax.images) + list(ax.collections):
+      gid = artist.get_gid()
+      if gid is None:
+        continue
+      if hasattr(artist, "get_ydata"):
+        out[gid] = (np.asarray(artist.get_xdata(), float), np.asarray(artist.get_ydata(), float))
+      elif hasattr(artist, "get_array") and artist.get_array() is not None and artist.get_array().ndim == 2:
+        out[gid] = np.asarray(artist.get_array(), float)
+      else:
+        out[gid] = np.asarray(artist.get_offsets(), float)
+  return out
+
+
+def _nan(values):
+  return np.array([np.nan if v is None else v for v in values], float)
+
+
+def _check_figures_match(figs, report):
+  seen = set()
+  for name, fig in figs.items():
+    data = _artist_data(fig)
+    assert data, f"figure {name} has no tagged data"
+    for gid, value in data.items():
+      seen.add(gid)
+      if gid.startswith("weights."):
+        np.testing.assert_array_equal(value, _nan(sum(report["weights"][gid[8:]], [])).reshape(value.shape))
+      elif gid in ("implied_preconditioner", "pgd_preconditioner"):
+        np.testing.assert_array_equal(value, np.array(report[gid], float))
+      elif gid == "preconditioner_eigenvalues":
+        np.testing.assert_array_equal(value[:, 0], _nan(report["preconditioner_eigenvalues_real"]))
+        np.testing.assert_array_equal(value[:, 1], _nan(report["preconditioner_eigenvalues_imag"]))
+      elif gid == "pgd_preconditioner.eigenvalues":
+        np.testing.assert_allclose(value[:, 0], np.linalg.eigvalsh(np.array(report["pgd_preconditioner"])))
+      elif gid.startswith("interpolation."):
+        x, y = value
+        np.testing.assert_array_equal(x, [p["alpha"] for p in report["interpolation"]])
+        np.testing.assert_array_equal(y, _nan([p[gid.split(".")[1]] for p in report["interpolation"]]))
+      else:
+        x, y = value
+        np.testing.assert_array_equal(x, report["loops"])
+        np.testing.assert_array_equal(y, _nan(report[gid]))
+  return seen
+
+
+def test_report_json_holds_every_plotted_number(gd_report, tmp_path):
+  _, P, Q, r = gd_report
+  paths = evaluation.write_report(r, str(tmp_path), P, Q)
+  with open(paths["json"]) as f:
+    loaded = json.load(f)
+  for name in plots.FIGURES:
+    assert os.path.getsize(paths[name]) > 10_000, name
+  md = open(paths["markdown"]).read()
+  assert md.count("\n| ") >= L + 10 and r["findings"][0] in md
+  np.testing.assert_array_equal(np.load(paths["weights_npz"])["P"], P)
+  # Figures drawn from the JSON round trip show exactly the JSON's numbers...
+  seen = _check_figures_match(plots.all_figures(loaded), loaded)
+  assert {"model_error", "gd_error", "pgd_error", "least_squares_error", "ridge_error", "bound",
+          "sensitivity_cosine", "sensitivity_l2", "prediction_l2", "interpolation.error",
+          "weights.P", "weights.Q_construction", "implied_preconditioner",
+          "preconditioner_eigenvalues"} <= seen
+  # ...and the in-memory report draws the same figures as its JSON.
+  _check_figures_match(plots.all_figures(r), loaded)
+  fig = plots.error_vs_loops(loaded)
+  ax = fig.axes[0]
+  assert ax.get_yscale() == "log" and ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+  assert any(np.all(np.asarray(line.get_xdata()) == T) for line in ax.lines)  # the trained-T marker
+
+
+def test_nonfinite_prompts_do_not_break_the_report(gd_report, tmp_path):
+  _, P, Q, _ = gd_report
+  rng = np.random.default_rng(0)
+  P1, Q1 = P + 0.1 * rng.standard_normal(P.shape), Q + 0.1 * rng.standard_normal(Q.shape)
+  r = _analyze(P1, Q1)
+  counts = r["model_error_nonfinite"]
+  assert counts[T - 1] == 0 and 0 < counts[-1] < PROMPTS  # some prompts blow up past T
+  # Means are over the finite prompts: recompute the last loop in numpy.
+  with jax.enable_x64(True):
+    ev = _prompts(_task(), 3, 0)
+  with np.errstate(all="ignore"):
+    Z = np.asarray(ev.Z0, np.float64)
+    for _ in range(L):  # Z ← Z + (1/n) P (C Cᵀ) Q Z with C the context columns
+      C = Z[..., :N]
+      Z = Z + P1 @ (C @ np.swapaxes(C, -1, -2)) @ Q1 @ Z / N
+    err = np.mean((-Z[:, D_IN:, N:] - np.asarray(ev.targets)) ** 2, axis=(-2, -1))
+  assert int(np.sum(~np.isfinite(err))) == counts[-1]
+  assert r["model_error"][-1] == pytest.approx(np.mean(err[np.isfinite(err)]), rel=1e-6)
+  median = np.median(np.where(np.isnan(err), np.inf, err))
+  assert (r["model_error_median"][-1] is None) == (not np.isfinite(median))
+  assert all(v is None or math.isfinite(v) for k in evaluation.PER_LOOP_KEYS for v in r[k])
+  assert any("non-finite" in f for f in r["findings"])
+  json.dumps(r, allow_nan=False)
+  paths = evaluation.write_report(r, str(tmp_path / "a"), P1, Q1)
+  json.load(open(paths["json"]))  # valid JSON (allow_nan=False when writing)
+
+  # Entirely non-finite weights: every mean is null, every count is num_prompts, still no exception.
+  bad = np.full_like(P, np.nan)
+  r = _analyze(bad, Q)
+  assert r["model_error"] == [None] * L and r["model_error_nonfinite"] == [PROMPTS] * L
+  assert r["weight_distance"] is None and r["preconditioner_eigenvalues_real"] == []
+  assert r["gd_error"][0] is not None  # baselines are unaffected
+  paths = evaluation.write_report(r, str(tmp_path / "b"))
+  assert json.load(open(paths["json"]))["model_error"] == [None] * L
+
+
+def test_vector_generation_weight_error():
+  """Vector generation: the read-out is Ŵ_t; its relative error against numpy."""
+  task = _task(kind="vector_generation", noise_std=0.0, rotate=False, condition_number=1.0)
+  P, Q = _construction(0.5)
+  r = _analyze(P, Q, task)
+  with jax.enable_x64(True):
+    ev = _prompts(task, 3, 0)
+  W = ref.preconditioned_gd(ev.X, ev.Y, 0.5 * np.eye(D_IN), L)
+  Ws = np.asarray(ev.W_star)
+  expected = [np.mean(np.linalg.norm(W[t] - Ws, axis=(-2, -1)) / np.linalg.norm(Ws, axis=(-2, -1)))
+              for t in range(1, L + 1)]
+  np.testing.assert_allclose(r["model_weight_error"], expected, rtol=1e-10)
+  np.testing.assert_allclose(r["model_error"], [np.mean((W[t] - Ws) ** 2) for t in range(1, L + 1)],
+                             rtol=1e-10)
+  np.testing.assert_allclose(r["pgd_error"], r["gd_error"], rtol=1e-12)  # Σ = I: the same baseline
+  assert "model ||Ŵ−W*||/||W*||" in evaluation.report_markdown(r)
+
+
+def test_tensorboard_logging(gd_report, tmp_path):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  _, _, _, r = gd_report
+  figs = {"errors": plots.error_vs_loops(r)}
+  evaluation.log_to_tensorboard(r, figs, str(tmp_path), step=7)
+  acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+  acc.Reload()
+  tags = acc.Tags()
+  (event,) = acc.Scalars("analysis/model_error_at_T")
+  assert event.step == 7 and event.value == pytest.approx(r["model_error"][T - 1], rel=1e-6)
+  curve = acc.Scalars("analysis_by_loop/gd_error")
+  assert [e.step for e in curve] == r["loops"]
+  assert "analysis/errors" in tags["images"]
+  assert "analysis/findings" in " ".join(tags["tensors"])
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"loops_max": T - 1}, "loops_max="),
+    ({"d_out": 3}, "d_out="),
+    ({"trained_loops": 0}, "trained_loops="),
+    ({"num_prompts": 0}, "num_prompts="),
+])
+def test_bad_arguments_raise_value_error(kwargs, field):
+  P, Q = _construction(0.3)
+  with pytest.raises(ValueError, match="allowed") as info:
+    _analyze(P, Q, **kwargs)
+  assert field in str(info.value)
+  with pytest.raises(ValueError, match="allowed"):
+    _analyze(P[:-1, :-1], Q[:-1, :-1])
