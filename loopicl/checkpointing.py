@@ -8,6 +8,13 @@ names the step), and moves the bad folders aside into `<workdir>/checkpoints_cor
 later save at the same step can never collide with them — nothing is deleted.
 
 Layout: `<directory>/<step>/{state,checksum}` (Orbax's own, one folder per saved step).
+
+Multi-host: every process calls `save` and `restore_latest` with the same arguments (Orbax
+synchronises them).  The state goes to Orbax as the jax.Arrays themselves, never as host copies:
+Orbax then writes each shard once (replicated arrays from one replica; arrays sharded across hosts
+from the host that holds each piece), where a host copy per process would have every process
+write, or fail for arrays no single process holds.  The checksum is of the global values, so
+each process computes the same one; the small JSON beside it is written by process 0.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from loopicl import distributed
+
 
 def tree_checksum(tree) -> str:
   """SHA-256 over every leaf's dtype, shape and bytes, in tree-flatten order."""
@@ -28,7 +37,7 @@ def tree_checksum(tree) -> str:
   leaves, treedef = jax.tree.flatten(tree)
   h.update(str(treedef).encode())
   for leaf in leaves:
-    a = np.asarray(jax.device_get(leaf))
+    a = distributed.host_value(leaf)  # the global value, also for arrays sharded across hosts
     h.update(f"{a.dtype}{a.shape}".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()
@@ -51,8 +60,10 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state) -> None:
-    """Saves `state` (a pytree of arrays) at `step`, synchronously, with its checksum."""
-    state = jax.device_get(state)
+    """Saves `state` (a pytree of arrays) at `step`, synchronously, with its checksum.
+
+    On several hosts every process must call this (see the module docstring).
+    """
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         checksum=ocp.args.JsonSave({"sha256": tree_checksum(state), "step": int(step),

@@ -50,7 +50,7 @@ class LinearRegressionObjective:
     m = self.config.model
     model = LoopedLinearTransformer(self.task.d, self.task.d_out, m.parameterization,
                                     init_scale=m.init_scale, remat=m.remat, unroll=m.unroll,
-                                    rngs=rngs)
+                                    form=m.get("form", "reassociated"), rngs=rngs)
     if m.get("init", "random") == "gd":
       # Warm start at the GD construction with a small step η₀: the loop starts contractive on
       # every prompt, so large T cannot blow up at initialisation.  For `full` the random draw
@@ -180,8 +180,8 @@ def make_objective(config):
   if config.task.kind in tasks.TASK_KINDS:
     return LinearRegressionObjective(config)
   from loopicl import concepts
-  if config.task.kind in concepts.TASK_KINDS:
+  if config.task.kind == concepts.KIND:
     from loopicl.concept_objective import ConceptObjective
     return ConceptObjective(config)
   raise ValueError(f"task.kind={config.task.kind!r} is invalid; allowed: "
-                   f"{' | '.join(tasks.TASK_KINDS + concepts.TASK_KINDS)}")
+                   f"{' | '.join(tasks.TASK_KINDS + (concepts.KIND,))}")

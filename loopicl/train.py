@@ -115,13 +115,29 @@ def scan_steps(step_fn, state, first_step, length: int):
 
 
 def make_train_chunk(objective, graphdef, tx, batch_size: int, loops: int):
-  """A jitted (state, first_step, length) -> (state, first_bad_step, metrics); state is donated."""
-  step_fn = make_train_step(objective, graphdef, tx, batch_size, loops)
+  """(state, first_step, length) -> (state, first_bad_step, metrics), jitted; state is donated.
 
-  @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
-  def chunk(state, first_step, length):
+  With several devices the batch is split over them and the state stays replicated
+  (distributed.py); the call returns once the chunk is computed, so one sharded program is in
+  flight at a time (XLA's CPU collectives abort when several wait on each other).  Raises
+  config.ConfigError (one line) when batch_size does not split evenly over the devices.
+  """
+  from loopicl import distributed
+  mesh = distributed.data_mesh(batch_size)
+  if mesh is not None:
+    objective = distributed.ShardedObjective(objective, mesh)
+  step_fn = make_train_step(objective, graphdef, tx, batch_size, loops)
+  # Everything the chunk returns is replicated: params and metrics read the same on every host.
+  out_shardings = None if mesh is None else distributed.replicated(mesh)
+
+  @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,), out_shardings=out_shardings)
+  def jitted(state, first_step, length):
     return scan_steps(step_fn, state, first_step, length)
 
+  def chunk(state, first_step, length):
+    return distributed.block(jitted(state, first_step, length))
+
+  chunk.jitted = jitted  # for lower()/compile(): cost and memory analysis (benchmark.py)
   return chunk
 
 
@@ -227,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   rlog.truncate_after(step)
   if step == 0:
     rlog.text(0, "config", "```\n" + json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n```")
-  state = distributed.place_state(state)
+  state = distributed.place_state(state)  # replicated over the devices (identity on one)
 
   total = int(config.train.steps)
   evaluate = objective.make_evaluator()
