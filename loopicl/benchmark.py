@@ -73,23 +73,11 @@ def step_flops(config, form: str | None = None) -> int:
 
 # -- building the real step -----------------------------------------------------------------------
 
-class _WithForm:
-  """The objective, with `model.form` applied to the model it creates.
-
-  Needed while objectives.create_model does not read `model.form` itself; harmless after.
-  """
-
-  def __init__(self, objective, form: str):
-    self._objective, self._form = objective, form
-
-  def create_model(self, rngs):
-    model = self._objective.create_model(rngs)
-    if hasattr(model, "form"):
-      model.form = self._form
-    return model
-
-  def __getattr__(self, name):
-    return getattr(self._objective, name)
+def _with_form(config, form: str | None):
+  """A copy of `config` whose model uses `form` (objectives.create_model reads model.form)."""
+  config = config.copy_and_resolve_references()
+  config.model.form = form or config.model.get("form", "reassociated")
+  return config
 
 
 def _check_task(config) -> None:
@@ -101,8 +89,8 @@ def _check_task(config) -> None:
 def build(config, form: str | None = None):
   """(chunk, state, objective, graphdef, tx) for `config`, exactly as train_and_evaluate runs it."""
   _check_task(config)
-  form = form or config.model.get("form", "reassociated")
-  objective = _WithForm(objectives.make_objective(config), form)
+  config = _with_form(config, form)
+  objective = objectives.make_objective(config)
   tx = train.make_optimizer(config.train)
   graphdef, state = train._init_state(objective, config, tx)
   state = distributed.place_state(state)
@@ -113,10 +101,10 @@ def build(config, form: str | None = None):
 
 def xla_step_flops(config, form: str | None = None) -> float:
   """XLA's cost-analysis FLOPs of one unsharded step, loops unrolled (so each one is counted)."""
-  config = config.copy_and_resolve_references()
+  config = _with_form(config, form)
   config.model.unroll = int(config.model.loops)
   _check_task(config)
-  objective = _WithForm(objectives.make_objective(config), form or config.model.get("form", "reassociated"))
+  objective = objectives.make_objective(config)
   tx = train.make_optimizer(config.train)
   graphdef, state = train._init_state(objective, config, tx)
   step = train.make_train_step(objective, graphdef, tx, int(config.train.batch_size),
