@@ -40,16 +40,42 @@ def _train_main(argv):
   print(train.summary(result, FLAGS.config))
 
 
-def _parse_flags(argv):
-  """absl's parser, with flag errors (unknown or ill-typed --config.* fields) as one line."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # flags.Error, or AttributeError/KeyError/TypeError from config_flags
-    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
-    bad = [a for a in argv[1:] if a.startswith("--config.")]
-    _fail(f"bad command-line flag ({message}); config overrides given: {' '.join(bad) or 'none'}", 2)
+def _flags_parser(allowed: str):
+  """absl's parser, with flag errors (unknown or ill-typed flags or --config.* fields) as one line."""
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, or AttributeError/KeyError/TypeError from config_flags
+      message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+      _fail(f"bad command-line flag ({message}); allowed: {allowed}", 2)
+  return parse
 
 
 def run_train():
+  """Entry point of scripts/train.py (console script loopicl-train)."""
   _train_flags()
-  app.run(_train_main, flags_parser=_parse_flags)
+  app.run(_train_main, flags_parser=_flags_parser(
+      "--config=<file> --workdir=<dir> --config.<section>.<field>=<value> (fields of the config file)"))
+
+
+def _evaluate_main(argv):
+  from loopicl import evaluate_run, train
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts", 2)
+  if not FLAGS.workdir:
+    _fail("--workdir is required; allowed: a run directory written by scripts/train.py", 2)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    evaluate_run.evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
+  except (train.RunError, ValueError) as e:
+    _fail(" ".join(str(e).split()), 2)
+
+
+def run_evaluate():
+  """Entry point of scripts/evaluate.py (console script loopicl-evaluate)."""
+  flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
+  flags.DEFINE_integer("loops_max", None, "Evaluate loops 1..loops_max (default: max(2·T, 40)).")
+  flags.DEFINE_integer("num_prompts", 4096, "Held-out prompts the errors are reported on.")
+  app.run(_evaluate_main, flags_parser=_flags_parser(
+      "--workdir=<run dir> --loops_max=<int >= T> --num_prompts=<int >= 1>"))

@@ -6,7 +6,7 @@
 Writes <workdir>/eval/{report.json, report.md, *.png, weights.npz} and TensorBoard scalars and
 figures under analysis/ in the run's log directory. Errors are one line on stderr, exit status 2.
 """
-from loopicl import evaluate_run
+from loopicl import cli
 
 if __name__ == "__main__":
-  evaluate_run.run()
+  cli.run_evaluate()
