@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.loops = 5            # T: loops of the shared block at the end of training
   config.model.init_scale = 0.01    # full: P, Q ~ N(0, init_scale²); gd: A = init_scale·I (0.05 stalls at T = 5)
   config.model.init = "gd"          # random: P, Q ~ N(0, init_scale²) | gd: the GD construction with step
-                                    # init_step plus that noise (full), or A = init_step·I (gd) — trains at T = 20
+                                    # init_step plus that noise (full), or A = init_step·I (gd); at T = 20 it also
+                                    # needs a loop curriculum (docs/reproduction.md)
   config.model.init_step = 0.1      # η₀ of the gd warm start (small: contractive on every prompt)
   config.model.remat = False        # jax.checkpoint each loop (memory O(1) in T)
   config.model.unroll = 1           # lax.scan unroll factor over loops

@@ -29,21 +29,26 @@ default = _sibling("default.py")
 def experiment() -> ml_collections.ConfigDict:
   """The training recipe of every trained point (task.kind/d/n/κ and model.loops set per point).
 
-  What makes T = 20 train (measured, docs/reproduction.md): the GD warm start — P, Q start at the
-  GD construction with the small step η₀ = init_step plus N(0, init_scale²) noise, so every loop
-  is contractive at step 0 — with a gentle learning rate.
+  The best T = 20 recipe found (d = 10, n = 40, 8 seeds: 1/8 diverged, the other 7 end 6.6–15.7×
+  the GD error after 1000 steps; see docs/reproduction.md): the GD warm start — P, Q start at
+  the GD construction with the small step η₀ = init_step plus N(0, init_scale²) noise, so every
+  loop is contractive at step 0 — *and* a loop curriculum (one more loop every 40 steps), because
+  the warm start alone lets the off-construction blocks grow until rare prompts blow up.
   """
   c = default.get_config()
   c.model.parameterization = "full"
-  c.model.init = "gd"               # warm start at the GD construction (+ noise): stable at T = 20
+  c.model.init = "gd"               # warm start at the GD construction (+ noise)
   c.model.init_step = 0.1           # η₀: contractive on every prompt at n ≥ d
   c.model.init_scale = 0.01         # the noise on every entry of P and Q
   c.train.steps = 1000
   c.train.batch_size = 64
-  c.train.learning_rate = 5e-4
-  c.train.warmup_steps = 200
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 100
   c.train.schedule = "cosine"
   c.train.grad_clip = 1.0
+  c.train.curriculum_start = 1      # loop curriculum 1 → T …
+  c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760)
+  c.train.curriculum_increment = 1
   c.train.steps_per_call = 50
   return c
 

@@ -44,6 +44,8 @@ class LinearRegressionObjective:
     self.task = config.task
     self.n_queries = tasks.num_queries(config.task)
     self._gd_curve = None
+    if config.train.loss_normalization == "gd":
+      self.gd_error_curve()  # computed here, eagerly: the loss is traced and needs constants
 
   # -- model and data ---------------------------------------------------------------------------
   def create_model(self, rngs: nnx.Rngs) -> LoopedLinearTransformer:

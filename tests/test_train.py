@@ -101,6 +101,15 @@ def test_tensorboard_has_scalars_images_and_config(reference_run):
   assert any("config" in t for t in acc.Tags()["tensors"])
 
 
+def test_loss_window_normalization_and_curriculum_train(tmp_path):
+  """The loss options of issue 5 run through the jitted step and keep the loss finite."""
+  result = _run(tiny_config(**{"model.loops": 4, "train.loss_loops": 3, "train.loss_normalization": "gd",
+                               "train.curriculum_start": 1, "train.curriculum_every": 10,
+                               "train.steps": 40, "eval.every": 40, "checkpoint.every": 40}), tmp_path / "opts")
+  assert result["step"] == 40 and np.isfinite(result["test_error"])
+  assert len(result["test_error_per_loop"]) == 4
+
+
 def test_resume_after_finish_changes_nothing(reference_run, tmp_path):
   """Launching a finished run again trains nothing and rewrites no metrics."""
   import shutil

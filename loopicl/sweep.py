@@ -1,0 +1,176 @@
+"""Train K seeds of one config in one jitted program (jax.vmap over the training state).
+
+`train.make_train_step` is a pure (state, step) -> (state, metrics) whose state holds the
+parameters, the optimizer state and the `data_key`.  Everything that differs between two seeds of
+a run lives in that state, so `jax.vmap` over a stack of K states is K independent runs in one
+program: one compile, one dispatch per chunk, and matrix products K times wider — on a CPU K
+seeds cost far less than K separate runs (scripts/benchmark_sweep.py measures it).
+
+Each seed is exactly the run `train.train_and_evaluate` makes with `train.seed = s`: parameters
+from fold_in(key(s), 0), data key fold_in(key(s), 1), batch of step t from fold_in(data_key, t),
+the same loop curriculum (`train.loops_at`).  tests/test_reproduce.py checks the two agree.
+
+Divergence stays per seed: a seed whose loss or gradient turns non-finite freezes at its last
+good state from that step on (through every later chunk) and is reported in `diverged_at`; the
+other seeds go on untouched, because no operation mixes the vmapped lanes.
+
+  result = sweep.train_seeds(config, seeds=[0, 1, 2])
+  result.params            # the parameter pytree, every leaf stacked: [K, ...]
+  result.diverged_at       # [K] int: first non-finite step, −1 if the seed never diverged
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loopicl import config as config_lib, objectives, train
+
+
+def init_states(objective, config, tx, seeds):
+  """(graphdef, states): the initial training states of `seeds`, every leaf stacked [K, ...].
+
+  Seed s is initialised as a single run with train.seed = s is: the same keys, so the same
+  parameters and the same stream of batches.
+  """
+  def init_one(seed):
+    key = jax.random.key(seed)
+    model = objective.create_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    params = nnx.to_pure_dict(nnx.split(model)[1])
+    return {"params": params, "opt_state": tx.init(params),
+            "data_key": jax.random.key_data(jax.random.fold_in(key, 1))}
+
+  graphdef = nnx.split(objective.create_model(nnx.Rngs(params=jax.random.key(0))))[0]
+  # Built one seed at a time (init is cheap) so each equals its single-run counterpart exactly.
+  states = [init_one(int(s)) for s in seeds]
+  return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def scan_steps_frozen(step_fn, state, bad, first_step, length: int):
+  """`train.scan_steps` for one seed, with its divergence flag carried in from earlier chunks.
+
+  bad: int32 scalar, the first non-finite step so far (−1: none).  Once bad ≥ 0 every step keeps
+  the state unchanged, so a diverged seed stays frozen at its last good state.
+  Returns (state, bad, metrics) with metrics [length].
+  """
+  def body(carry, step):
+    state, bad = carry
+    new_state, metrics = step_fn(state, step)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & (bad < 0)
+    state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    bad = jnp.where((bad < 0) & ~ok, step, bad)
+    return (state, bad), metrics
+
+  steps = first_step + jnp.arange(length, dtype=jnp.int32)
+  (state, bad), metrics = jax.lax.scan(body, (state, bad), steps)
+  return state, bad, metrics
+
+
+def make_sweep_chunk(objective, graphdef, tx, batch_size: int, loops: int):
+  """A jitted (states, bad, first_step, length) -> (states, bad, metrics), vmapped over seeds.
+
+  states: stacked [K, ...]; bad: [K] int32; metrics: dict of [K, length].  States are donated.
+  """
+  step_fn = train.make_train_step(objective, graphdef, tx, batch_size, loops)
+
+  @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+  def chunk(states, bad, first_step, length):
+    run = lambda state, b: scan_steps_frozen(step_fn, state, b, first_step, length)
+    return jax.vmap(run)(states, bad)
+
+  return chunk
+
+
+class SweepResult(NamedTuple):
+  """What `train_seeds` returns (host numpy arrays).
+
+  params:       the parameter pure-dict, each leaf [K, ...] (the last good state of each seed).
+  diverged_at:  [K] int64, the first step with a non-finite loss/gradient, −1 if none.
+  final_loss:   [K] mean training loss of each seed over its last chunk (NaN-free only if alive).
+  loss_curve:   [K, chunks] mean training loss per chunk.
+  graphdef:     for nnx.merge(graphdef, params of one seed).
+  wall_s:       seconds spent training (compilation included).
+  """
+  params: dict
+  diverged_at: np.ndarray
+  final_loss: np.ndarray
+  loss_curve: np.ndarray
+  graphdef: object
+  wall_s: float
+
+
+def chunk_boundaries(config) -> list[tuple[int, int, int]]:
+  """[(first_step, length, loops)]: the chunks of a run, cut every `train.steps_per_call` steps
+  and at every curriculum change (the same grouping as a single run, without its eval/checkpoint
+  cuts — chunking does not change the numbers, only the dispatch count)."""
+  total, per_call = int(config.train.steps), int(config.train.steps_per_call)
+  out, step = [], 0
+  while step < total:
+    loops = train.loops_at(config, step)
+    end = min(total, (step // per_call + 1) * per_call)
+    if config.train.curriculum_start > 0:
+      every = int(config.train.curriculum_every)
+      end = min(end, (step // every + 1) * every)
+    out.append((step, end - step, loops))
+    step = end
+  return out
+
+
+def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
+                log_every_s: float = 30.0) -> SweepResult:
+  """Trains `config` once per seed in `seeds`, all seeds in one vmapped program.
+
+  config.train.seed is ignored (the seeds replace it).  `log` (if given) gets a progress line at
+  most every `log_every_s` seconds.  Raises config.ConfigError for a bad config.
+  """
+  config_lib.validate(config)
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("seeds=[] is invalid; allowed: a non-empty list of integers >= 0")
+  objective = objectives.make_objective(config)
+  tx = train.make_optimizer(config.train)
+  graphdef, states = init_states(objective, config, tx, seeds)
+  if config.train.loss_normalization == "gd":
+    # The loss weights need GD's error curve, a host-side search: compute it before tracing
+    # (computed lazily inside the jitted loss it would meet tracers).
+    objective.loss_weights(int(config.model.loops))
+  bad = jnp.full((len(seeds),), -1, jnp.int32)
+  chunks, curve = {}, []
+  start = last_log = time.time()
+  plan = chunk_boundaries(config)
+  for i, (first, length, loops) in enumerate(plan):
+    chunk = chunks.get(loops)
+    if chunk is None:
+      chunk = chunks[loops] = make_sweep_chunk(objective, graphdef, tx,
+                                               int(config.train.batch_size), loops)
+    states, bad, metrics = chunk(states, bad, jnp.int32(first), length)
+    losses = np.asarray(metrics["loss"], np.float64)                        # [K, length]
+    finite = np.isfinite(losses)
+    curve.append(np.where(finite.any(1), np.where(finite, losses, 0).sum(1) / np.maximum(finite.sum(1), 1),
+                          np.nan))
+    if log is not None and time.time() - last_log > log_every_s:
+      last_log = time.time()
+      alive = int(np.sum(np.asarray(bad) < 0))
+      log(f"  step {first + length}/{config.train.steps} (T={loops}): loss "
+          f"{np.nanmedian(curve[-1]):.3e} median over seeds, {alive}/{len(seeds)} alive, "
+          f"{last_log - start:.0f} s")
+  params = jax.device_get(states["params"])
+  curve = np.stack(curve, axis=1) if curve else np.zeros((len(seeds), 0))
+  return SweepResult(params=params, diverged_at=np.asarray(bad, np.int64),
+                     final_loss=curve[:, -1] if curve.size else np.full(len(seeds), np.nan),
+                     loss_curve=curve, graphdef=graphdef, wall_s=time.time() - start)
+
+
+def seed_params(result: SweepResult, k: int) -> dict:
+  """The parameter pure-dict of the k-th seed of a sweep."""
+  return jax.tree.map(lambda leaf: np.asarray(leaf[k]), result.params)
+
+
+def seed_model(result: SweepResult, k: int):
+  """The NNX model of the k-th seed of a sweep."""
+  return nnx.merge(result.graphdef, seed_params(result, k))

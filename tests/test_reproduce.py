@@ -1,0 +1,134 @@
+"""The reproduction grid end to end (tiny), and the vmapped seed sweep against separate runs."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from loopicl import construction, objectives, reproduce, sweep, train
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_grid():
+  c = _load("reproduce_quick")
+  g = c.grid
+  g.kinds, g.ds, g.n_over_d, g.condition_numbers = ("linear_regression",), (3,), (4.0,), (1.0,)
+  g.loops, g.trained_loops, g.fixed_loops, g.seeds = (1, 2, 3, 4, 6), (2,), 2, (0, 1)
+  g.eval_prompts = 256
+  t = c.experiment.train
+  t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
+  return c
+
+
+def test_tiny_grid_end_to_end_and_resume(tmp_path):
+  config = tiny_grid()
+  logs = []
+  out = reproduce.run(config, str(tmp_path), log=logs.append)
+  assert out["skipped"] == 0 and out["computed"] == len(reproduce.points(config))
+  with open(tmp_path / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  for column in ("task_kind", "d", "n_context", "n_over_d", "condition_number", "loops", "seed",
+                 "method", "error", "kappa_hat"):
+    assert column in rows[0], column
+  methods = {r["method"] for r in rows}
+  assert methods == {"construction", "trained"}
+  # One row per (setting, T, seed, method): constructions at every T, trained at trained_loops.
+  assert len(rows) == 2 * (5 + 1)
+  # The claim's core: at n = 4d the construction's error falls with every loop, for every seed.
+  for seed in ("0", "1"):
+    errs = [float(r["error"]) for r in rows if r["method"] == "construction" and r["n_context"] == "12"
+            and r["seed"] == seed]
+    assert len(errs) == 5 and all(b < a for a, b in zip(errs, errs[1:])), errs
+  trained = [r for r in rows if r["method"] == "trained"]
+  assert all(np.isfinite(float(r["error"])) or r["diverged"] == "1" for r in trained)
+  # The vectorised best-step search is construction.best_constant_step, for every T at once.
+  with jax.enable_x64(True):
+    task = reproduce._task(config, "linear_regression", 3, 12, 1.0)
+    _, scan = reproduce.eval_prompts(task, config.grid.eval_seed, 0, 256)
+    etas, _ = reproduce.best_constant_steps(scan.X, scan.Y, scan.X_query, scan.targets, [2, 6])
+    ref, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=6)
+    assert etas[1] == pytest.approx(ref, rel=1e-9)
+  assert (tmp_path / "summary.md").exists()
+  assert (tmp_path / "error_vs_loops_linear_regression.png").exists()
+  # Resume: every finished point is skipped, the CSV is unchanged.
+  before = (tmp_path / "results.csv").read_text()
+  again = reproduce.run(config, str(tmp_path), log=logs.append)
+  assert again["computed"] == 0 and again["skipped"] == out["computed"]
+  assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_sweep_equals_separate_runs():
+  """K seeds in one vmapped program end where K separate single-seed runs end.
+
+  The single runs are train.py's own: its initial state for train.seed = s and its jitted chunk
+  (`train.make_train_chunk`), across a loop-curriculum change (two compiled programs).
+  """
+  config = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
+                          "train.steps": 50})
+  seeds = [0, 3]
+  result = sweep.train_seeds(config, seeds)
+  assert result.diverged_at.tolist() == [-1, -1]
+  objective = objectives.make_objective(config)
+  tx = train.make_optimizer(config.train)
+  for k, seed in enumerate(seeds):
+    single = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
+                            "train.steps": 50, "train.seed": seed})
+    _, state = train._init_state(objective, single, tx)
+    chunks = {}
+    for first, length, loops in sweep.chunk_boundaries(single):
+      if loops not in chunks:
+        chunks[loops] = train.make_train_chunk(objective, result.graphdef, tx,
+                                               int(single.train.batch_size), loops)
+      state, bad, _ = chunks[loops](state, jnp.int32(first), length)
+      assert int(bad) == -1
+    for name, leaf in state["params"].items():
+      np.testing.assert_allclose(sweep.seed_params(result, k)[name], np.asarray(leaf),
+                                 rtol=1e-5, atol=1e-6)
+  a, b = (sweep.seed_params(result, k)["P"] for k in range(2))
+  assert not np.allclose(a, b)  # different seeds really are different runs
+
+
+def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
+  """Lane 1 turns NaN at step 3: it freezes there for good; lane 0 runs as if alone."""
+  def step_fn(state, step):
+    x = state["x"] * 1.5 + 1.0
+    loss = jnp.where((state["lane"] == 1) & (step >= 3), jnp.nan, x)
+    return {"x": x, "lane": state["lane"]}, {"loss": loss, "grad_norm": jnp.float32(0.0)}
+
+  chunk = jax.jit(jax.vmap(lambda s, b, first: sweep.scan_steps_frozen(step_fn, s, b, first, 4),
+                           in_axes=(0, 0, None)))
+  states = {"x": jnp.zeros(2), "lane": jnp.arange(2)}
+  bad = jnp.full((2,), -1, jnp.int32)
+  for first in (0, 4):  # two chunks: the freeze is carried across chunk boundaries
+    states, bad, _ = chunk(states, bad, jnp.int32(first))
+  x = 0.0
+  for _ in range(8):
+    x = x * 1.5 + 1.0
+  assert float(states["x"][0]) == pytest.approx(x)  # lane 0: all 8 steps
+  assert float(states["x"][1]) == pytest.approx(4.75)  # lane 1: steps 0, 1, 2 only (0 → 1 → 2.5 → 4.75)
+  assert bad.tolist() == [-1, 3]
+
+
+def test_script_bad_config_is_one_line_exit_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"),
+       "--config", os.path.join(ROOT, "configs", "reproduce_quick.py"), "--workdir", str(tmp_path),
+       "--config.grid.fixed_loops=7"],
+      capture_output=True, text=True, cwd=ROOT, timeout=60)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().count("\n") == 0 and "grid.fixed_loops" in proc.stderr
+  assert "Traceback" not in proc.stderr
