@@ -15,7 +15,6 @@ config, bad flag values) print one line on stderr and exit with status 2 — nev
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -40,8 +39,7 @@ def evaluate_run(workdir: str, loops_max: int | None = None, num_prompts: int = 
   from loopicl import train  # imports Orbax/optax: only needed here
   config, model, step = train.load_trained(workdir)
   if config.task.kind not in tasks.TASK_KINDS:
-    raise train.RunError(f"{workdir} is a task.kind={config.task.kind!r} run; evaluation covers "
-                         f"{' | '.join(tasks.TASK_KINDS)} (the families with a GD construction)")
+    return _evaluate_concept_run(config, model, step, workdir, num_prompts, log_tensorboard, log)
   T = int(train.loops_at(config, step))
   loops_max = default_loops_max(T) if loops_max is None else loops_max
   P, Q = (np.asarray(w, np.float64) for w in model.weights())
@@ -62,47 +60,23 @@ def evaluate_run(workdir: str, loops_max: int | None = None, num_prompts: int = 
   return report
 
 
-# -- command line (scripts/evaluate.py) -----------------------------------------------------------
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
-  flags.DEFINE_integer("loops_max", None, "Evaluate loops 1..loops_max (default: max(2·T, 40)).")
-  flags.DEFINE_integer("num_prompts", 4096, "Held-out prompts the errors are reported on.")
-
-
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  """absl's parser with every flag error (unknown, ill-typed) as one line and exit status 2."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # flags.Error and friends
-    _fail(f"bad command-line flag ({' '.join(str(e).split())}); allowed: --workdir=<run dir> "
-          "--loops_max=<int >= T> --num_prompts=<int >= 1>")
-
-
-def _main(argv):
-  from absl import flags, logging
-  from loopicl import train
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts")
-  if not FLAGS.workdir:
-    _fail("--workdir is required; allowed: a run directory written by scripts/train.py")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
-  try:
-    evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
-  except (train.RunError, ValueError) as e:
-    _fail(" ".join(str(e).split()))
-
-
-def run():
-  """Entry point of scripts/evaluate.py."""
-  from absl import app
-  _define_flags()
-  app.run(_main, flags_parser=_parse_flags)
+def _evaluate_concept_run(config, model, step, workdir, num_prompts, log_tensorboard, log):
+  """Concept classification has no GD construction: scores, OOD variants and curves instead."""
+  from loopicl import concept_report, runlog
+  report = concept_report.analyze(config, model, step, workdir, num_prompts)
+  figs = concept_report.figures(report)
+  outdir = os.path.join(workdir, "eval")
+  concept_report.write(report, outdir, figs)
+  if log_tensorboard:
+    rl = runlog.RunLog(workdir)
+    scalars = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+    for variant, values in report.get("ood", {}).items():
+      scalars.update({f"ood_{variant}_{k}": v for k, v in values.items()})
+    rl.scalars(step, scalars, prefix="analysis/")
+    for name, fig in figs.items():
+      rl.figure(step, f"analysis/{name}", fig)
+    rl.close()
+  log(f"wrote {outdir}/report.md (step {step}, {num_prompts} prompts): test 0-1 "
+      f"{report['test_zero_one']:.4g}; OOD " + ", ".join(
+          f"{v} {s['zero_one']:.4g}" for v, s in report.get("ood", {}).items()))
+  return report
