@@ -51,26 +51,6 @@ def init_states(objective, config, tx, seeds):
   return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
-def scan_steps_frozen(step_fn, state, bad, first_step, length: int):
-  """`train.scan_steps` for one seed, with its divergence flag carried in from earlier chunks.
-
-  bad: int32 scalar, the first non-finite step so far (−1: none).  Once bad ≥ 0 every step keeps
-  the state unchanged, so a diverged seed stays frozen at its last good state.
-  Returns (state, bad, metrics) with metrics [length].
-  """
-  def body(carry, step):
-    state, bad = carry
-    new_state, metrics = step_fn(state, step)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & (bad < 0)
-    state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-    bad = jnp.where((bad < 0) & ~ok, step, bad)
-    return (state, bad), metrics
-
-  steps = first_step + jnp.arange(length, dtype=jnp.int32)
-  (state, bad), metrics = jax.lax.scan(body, (state, bad), steps)
-  return state, bad, metrics
-
-
 def make_sweep_chunk(objective, graphdef, tx, batch_size: int, loops: int):
   """A jitted (states, bad, first_step, length) -> (states, bad, metrics), vmapped over seeds.
 
@@ -80,7 +60,7 @@ def make_sweep_chunk(objective, graphdef, tx, batch_size: int, loops: int):
 
   @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
   def chunk(states, bad, first_step, length):
-    run = lambda state, b: scan_steps_frozen(step_fn, state, b, first_step, length)
+    run = lambda state, b: train.scan_steps(step_fn, state, first_step, length, bad=b)
     return jax.vmap(run)(states, bad)
 
   return chunk

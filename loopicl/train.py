@@ -94,12 +94,13 @@ def make_train_step(objective, graphdef, tx, batch_size: int, loops: int):
   return step_fn
 
 
-def scan_steps(step_fn, state, first_step, length: int):
+def scan_steps(step_fn, state, first_step, length: int, bad=None):
   """Runs `length` steps from `first_step` in one lax.scan: (state, first_bad_step, metrics).
 
   A step whose loss or gradient is not finite leaves the state unchanged, and so do all later
   steps of the scan; first_bad_step is that step (−1 if none), so the host can stop cleanly
-  with the last good state.
+  with the last good state.  `bad` carries the flag in from earlier scans (a sweep keeps a
+  diverged seed frozen across chunks); None means −1.
   """
   def body(carry, step):
     state, bad = carry
@@ -110,7 +111,8 @@ def scan_steps(step_fn, state, first_step, length: int):
     return (state, bad), metrics
 
   steps = first_step + jnp.arange(length, dtype=jnp.int32)
-  (state, bad), metrics = jax.lax.scan(body, (state, jnp.int32(-1)), steps)
+  bad = jnp.int32(-1) if bad is None else bad
+  (state, bad), metrics = jax.lax.scan(body, (state, bad), steps)
   return state, bad, metrics
 
 

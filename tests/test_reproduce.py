@@ -109,7 +109,7 @@ def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
     loss = jnp.where((state["lane"] == 1) & (step >= 3), jnp.nan, x)
     return {"x": x, "lane": state["lane"]}, {"loss": loss, "grad_norm": jnp.float32(0.0)}
 
-  chunk = jax.jit(jax.vmap(lambda s, b, first: sweep.scan_steps_frozen(step_fn, s, b, first, 4),
+  chunk = jax.jit(jax.vmap(lambda s, b, first: train.scan_steps(step_fn, s, first, 4, bad=b),
                            in_axes=(0, 0, None)))
   states = {"x": jnp.zeros(2), "lane": jnp.arange(2)}
   bad = jnp.full((2,), -1, jnp.int32)
