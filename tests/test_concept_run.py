@@ -66,3 +66,6 @@ def test_geometric_rate_recovers_a_known_rate():
   # Points after the loss first reaches 0 are not used (log 0), nor are NaNs.
   fit = concept_report.geometric_rate([0, 100, 200, 300], [0.1, 0.01, 0.0, 0.5])
   assert fit["points"] == 2 and fit["rate_per_step"] == pytest.approx(0.1 ** (1 / 100), rel=1e-9)
+  # With a floor, the fit stops where the loss first falls to it.
+  fit = concept_report.geometric_rate([0, 100, 200, 300], [0.1, 0.01, 0.001, 0.0005], floor=0.001)
+  assert fit["points"] == 2
