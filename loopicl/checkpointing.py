@@ -82,10 +82,12 @@ class Checkpointer:
     # Orbax may restore into a different container type; keep the target's tree structure.
     return jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(state))
 
-  def restore_latest(self, target, log=print):
+  def restore_latest(self, target, log=print, quarantine: bool = True):
     """(step, state) of the newest checkpoint that restores and verifies; (None, None) if none.
 
-    `target` is a pytree with the expected structure, shapes and dtypes.
+    `target` is a pytree with the expected structure, shapes and dtypes.  With `quarantine`
+    (training, which will save again) unusable step folders are moved aside; readers pass False
+    and leave the run directory exactly as they found it.
     """
     bad = []
     found = (None, None)
@@ -99,7 +101,7 @@ class Checkpointer:
                       stacklevel=2)
         log(f"warning: checkpoint at step {step} is unusable ({reason}); trying an older one")
         bad.append(step)
-    if bad:
+    if bad and quarantine:
       self._quarantine(bad, log)
     return found
 

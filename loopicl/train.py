@@ -356,7 +356,7 @@ def load_trained(workdir: str):
     raise RunError(f"{workdir} holds no checkpoint (expected {directory}/<step>/)")
   ckpt = checkpointing.Checkpointer(directory, int(config.checkpoint.keep))
   try:
-    step, restored = ckpt.restore_latest(state, log=lambda *a: None)
+    step, restored = ckpt.restore_latest(state, log=lambda *a: None, quarantine=False)
   finally:
     ckpt.close()
   if restored is None:

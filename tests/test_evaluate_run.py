@@ -81,6 +81,8 @@ def test_evaluate_run_errors(tmp_path, run_dir):
   (tmp_path / "other" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
   with pytest.warns(UserWarning), pytest.raises(train.RunError, match="can be restored"):
     evaluate_run.evaluate_run(other)
+  # Reading a run never moves or deletes its checkpoints, even unusable ones.
+  assert os.listdir(os.path.join(other, "checkpoints")) and not os.path.exists(other + "/checkpoints_corrupt")
   with pytest.raises(ValueError, match="loops_max"):
     evaluate_run.evaluate_run(run_dir, loops_max=1, num_prompts=16, log=lambda *a: None)
 
