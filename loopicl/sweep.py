@@ -115,10 +115,6 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
   objective = objectives.make_objective(config)
   tx = train.make_optimizer(config.train)
   graphdef, states = init_states(objective, config, tx, seeds)
-  if config.train.loss_normalization == "gd":
-    # The loss weights need GD's error curve, a host-side search: compute it before tracing
-    # (computed lazily inside the jitted loss it would meet tracers).
-    objective.loss_weights(int(config.model.loops))
   bad = jnp.full((len(seeds),), -1, jnp.int32)
   chunks, curve = {}, []
   start = last_log = time.time()
