@@ -18,25 +18,25 @@ def _train_flags():
                                   lock_config=True)
 
 
-def _fail(message: str, status: int):
+def fail(message: str, status: int = 2):
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
 
 
 def _train_main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; allowed: --config, --workdir, --config.<field>=<value>", 2)
+    fail(f"unexpected arguments {argv[1:]}; allowed: --config, --workdir, --config.<field>=<value>", 2)
   from loopicl import config as config_lib, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
   FLAGS = flags.FLAGS
   if FLAGS.config is None:
-    _fail("--config is required; allowed: a config file such as configs/default.py", 2)
+    fail("--config is required; allowed: a config file such as configs/default.py", 2)
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
   except config_lib.ConfigError as e:
-    _fail(str(e), 2)
+    fail(str(e), 2)
   except train.RunError as e:
-    _fail(str(e), 1)
+    fail(str(e), 1)
   print(train.summary(result, FLAGS.config))
 
 
@@ -47,7 +47,7 @@ def _flags_parser(allowed: str):
       return flags.FLAGS(argv)
     except Exception as e:  # flags.Error, or AttributeError/KeyError/TypeError from config_flags
       message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
-      _fail(f"bad command-line flag ({message}); allowed: {allowed}", 2)
+      fail(f"bad command-line flag ({message}); allowed: {allowed}", 2)
   return parse
 
 
@@ -62,14 +62,14 @@ def _evaluate_main(argv):
   from loopicl import evaluate_run, train
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts", 2)
+    fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts", 2)
   if not FLAGS.workdir:
-    _fail("--workdir is required; allowed: a run directory written by scripts/train.py", 2)
+    fail("--workdir is required; allowed: a run directory written by scripts/train.py", 2)
   logging.set_verbosity(logging.WARNING)
   try:
     evaluate_run.evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
   except (train.RunError, ValueError) as e:
-    _fail(" ".join(str(e).split()), 2)
+    fail(" ".join(str(e).split()), 2)
 
 
 def run_evaluate():

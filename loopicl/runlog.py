@@ -7,7 +7,6 @@ uninterrupted run's.  Only process 0 writes (multi-host runs).
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os

@@ -34,9 +34,7 @@ flags.DEFINE_bool("remat_memory", False, "Memory with and without model.remat at
 flags.DEFINE_list("fake_devices", [], "Host device counts to compare, e.g. 1,2,4 (a subprocess each).")
 
 
-def _fail(message: str, status: int = 2):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
+from loopicl.cli import fail as _fail  # noqa: E402  (one home for the one-line errors)
 
 
 def _config_flags(args: list[str]) -> list[str]:

@@ -19,9 +19,7 @@ config_flags.DEFINE_config_file("config", None, "Reproduce config (configs/repro
                                 lock_config=True)
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+from loopicl.cli import fail as _fail  # noqa: E402  (one home for the one-line errors)
 
 
 def main(argv):
