@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from loopicl import config as config_lib, construction, sweep, tasks, weights
+from loopicl import config as config_lib, construction, distributed, sweep, tasks, weights
 from loopicl.model import loop_readouts
 
 TRAIN_MODES = ("per_loops", "window")
@@ -64,7 +64,8 @@ def validate(config) -> None:
       raise GridError(f"config.{section} is missing; a reproduce config needs experiment and grid")
   g = config.grid
   known = {"kinds", "ds", "n_over_d", "condition_numbers", "loops", "trained_loops", "seeds",
-           "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures"}
+           "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures",
+           "cpu_devices"}
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
@@ -94,10 +95,9 @@ def validate(config) -> None:
   if 1.0 not in [float(k) for k in g.condition_numbers]:
     raise GridError(f"config.grid.condition_numbers={g.condition_numbers!r} is invalid; allowed: "
                     "a tuple containing 1 (the isotropic sweeps)")
-  for name in ("eval_prompts", "eval_seed"):
-    if not is_int(g[name]) or g[name] < (1 if name == "eval_prompts" else 0):
-      raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: an integer >= "
-                      f"{1 if name == 'eval_prompts' else 0}")
+  for name, low in (("eval_prompts", 1), ("eval_seed", 0), ("cpu_devices", 0)):
+    if not is_int(g.get(name, 0)) or g.get(name, 0) < low:
+      raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: an integer >= {low}")
   if g.train_mode not in TRAIN_MODES:
     raise GridError(f"config.grid.train_mode={g.train_mode!r} is invalid; allowed: {' | '.join(TRAIN_MODES)}")
   if not isinstance(g.figures, bool):
@@ -363,6 +363,8 @@ def run_trained(config, p: dict, log: Callable[[str], None]) -> dict:
 def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) the grid in `workdir`; returns {"rows": n, "computed": n, "skipped": n}."""
   validate(config)
+  # Host CPU devices for the seed axis (sweep.seed_mesh); must precede any JAX computation.
+  distributed.set_cpu_devices(int(config.grid.get("cpu_devices", 0)))
   os.makedirs(os.path.join(workdir, "points"), exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=list)

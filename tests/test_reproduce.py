@@ -28,7 +28,7 @@ def tiny_grid():
   g = c.grid
   g.kinds, g.ds, g.n_over_d, g.condition_numbers = ("linear_regression",), (3,), (4.0,), (1.0,)
   g.loops, g.trained_loops, g.fixed_loops, g.seeds = (1, 2, 3, 4, 6), (2,), 2, (0, 1)
-  g.eval_prompts = 256
+  g.eval_prompts, g.cpu_devices = 256, 0  # pytest's JAX already runs on one device
   t = c.experiment.train
   t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
   return c
@@ -100,6 +100,29 @@ def test_sweep_equals_separate_runs():
                                  rtol=1e-5, atol=1e-6)
   a, b = (sweep.seed_params(result, k)["P"] for k in range(2))
   assert not np.allclose(a, b)  # different seeds really are different runs
+
+
+def test_seed_sharded_sweep_matches_one_device(tmp_path):
+  """On 2 host devices the seed axis is split (no collectives); each seed ends where it ends on 1."""
+  overrides = {"train.curriculum_start": 1, "train.curriculum_every": 20, "train.steps": 40}
+  code = f"""
+import numpy as np, jax
+from loopicl import sweep
+from tests.test_train import tiny_config
+assert len(jax.devices()) == 2 and sweep.seed_mesh(4).devices.size == 2
+assert sweep.seed_mesh(3) is None  # 3 seeds do not split over 2 devices: one device
+result = sweep.train_seeds(tiny_config(**{overrides!r}), [0, 1, 2, 3])
+np.savez({str(tmp_path / "sharded.npz")!r}, diverged=result.diverged_at, **result.params)
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  sharded = np.load(tmp_path / "sharded.npz")
+  single = sweep.train_seeds(tiny_config(**overrides), [0, 1, 2, 3])
+  assert sharded["diverged"].tolist() == single.diverged_at.tolist() == [-1] * 4
+  for name, leaf in single.params.items():
+    np.testing.assert_allclose(sharded[name], leaf, rtol=1e-5, atol=1e-6)
 
 
 def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
