@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.curriculum_start = 0  # loop curriculum: start at this many loops (0: off) …
   config.train.curriculum_every = 500  # … and add curriculum_increment loops every this many steps
   config.train.curriculum_increment = 1
+  config.train.construction_steps = 0  # full: for the first k steps only P_yy and Q_xx (the GD
+                                    # construction's blocks) move, the rest stays at init (0: off)
   config.train.steps_per_call = 50  # optimizer steps per jitted call (lax.scan): amortises dispatch
   config.train.log_every = 100      # train scalars to TensorBoard every this many steps
 

@@ -73,7 +73,7 @@ def known_fields() -> dict:
       "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
                 "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
                 "loss_normalization", "curriculum_start", "curriculum_every",
-                "curriculum_increment", "steps_per_call", "log_every"},
+                "curriculum_increment", "construction_steps", "steps_per_call", "log_every"},
       "eval": {"every", "num_prompts", "seed"},
       "checkpoint": {"every", "keep"},
       "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
@@ -149,6 +149,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.train.loss_loops > cfg.model.loops:
     _fail("train.loss_loops", cfg.train.loss_loops, f"an integer in [1, model.loops={cfg.model.loops}]")
   _choice(cfg, "train", "loss_normalization", LOSS_NORMALIZATIONS)
+  if "construction_steps" in cfg.train:  # optional: configs written before it existed lack it
+    _int(cfg, "train", "construction_steps", 0)
+    if cfg.train.construction_steps > 0 and cfg.task.kind not in tasks.TASK_KINDS:
+      _fail("train.construction_steps", cfg.train.construction_steps,
+            f"0 for task.kind={cfg.task.kind!r} (the GD construction exists for "
+            f"{' | '.join(tasks.TASK_KINDS)} only)")
   _int(cfg, "train", "steps_per_call")
   _int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:

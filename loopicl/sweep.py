@@ -139,7 +139,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
   if not seeds:
     raise ValueError("seeds=[] is invalid; allowed: a non-empty list of integers >= 0")
   objective = objectives.make_objective(config)
-  tx = train.make_optimizer(config.train)
+  tx = train.make_optimizer(config.train, d=config.task.get("d"))
   graphdef, states = init_states(objective, config, tx, seeds)
   mesh = seed_mesh(len(seeds))
   states, bad = place_seeds((states, jnp.full((len(seeds),), -1, jnp.int32)), mesh)

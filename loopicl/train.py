@@ -48,7 +48,43 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), after], [warmup])
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def construction_phase(steps: int, d: int) -> optax.GradientTransformation:
+  """For the first `steps` updates, zero every update of P and Q outside the GD construction's
+  blocks (P_yy = P[d:, d:] and Q_xx = Q[:d, :d]; other leaves, e.g. the `gd` A, pass).
+
+  Why: started at (or near) the construction, the `full` model first learns the best
+  preconditioned GD *within* the construction — a linear-in-the-data loop that cannot blow up —
+  and only then may use the other blocks, which at large T otherwise grow early (P_xx makes the
+  x-rows change from loop to loop, a degree-3^T polynomial) and blow up rare prompts.  Masking
+  the updates (after Adam), not the gradients, keeps Adam's moments of the frozen entries warm,
+  so they do not jump when released.
+  """
+  def masks(updates):
+    def mask(path, u):
+      name = getattr(path[-1], "key", None)
+      if name == "P":
+        return jnp.zeros(u.shape, u.dtype).at[d:, d:].set(1)
+      if name == "Q":
+        return jnp.zeros(u.shape, u.dtype).at[:d, :d].set(1)
+      return jnp.ones(u.shape, u.dtype)
+    return jax.tree_util.tree_map_with_path(mask, updates)
+
+  def init_fn(params):
+    del params
+    return {"count": jnp.zeros([], jnp.int32)}
+
+  def update_fn(updates, state, params=None):
+    del params
+    frozen = state["count"] < steps
+    updates = jax.tree.map(lambda u, m: jnp.where(frozen, u * m, u), updates, masks(updates))
+    return updates, {"count": state["count"] + 1}
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(train_config, d: int | None = None) -> optax.GradientTransformation:
+  """clip → Adam/AdamW/SGD with the schedule (→ the construction phase when
+  `train.construction_steps` > 0, which needs the task's input dimension `d`)."""
   t = train_config
   schedule = learning_rate_schedule(t)
   # Clipping is always in the chain (inf when off) so the optimizer state has one structure.
@@ -59,7 +95,12 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
     opt = optax.adamw(schedule, weight_decay=t.weight_decay)
   else:
     opt = optax.sgd(schedule, momentum=float(t.momentum))
-  return optax.chain(clip, opt)
+  construction_steps = int(t.get("construction_steps", 0))
+  if construction_steps <= 0:  # off: the optimizer state keeps its older structure
+    return optax.chain(clip, opt)
+  if d is None:
+    raise ValueError("train.construction_steps > 0 needs make_optimizer(..., d=config.task.d)")
+  return optax.chain(clip, opt, construction_phase(construction_steps, int(d)))
 
 
 def loops_at(config, step: int) -> int:
@@ -233,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
     _prepare_workdir(config, workdir, log)
 
   objective = objectives.make_objective(config)
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, d=config.task.get("d"))
   graphdef, state = _init_state(objective, config, tx)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep))
   restored_step, restored = ckpt.restore_latest(state, log=log)
@@ -349,7 +390,7 @@ def load_trained(workdir: str):
   except ValueError as e:
     raise RunError(f"{workdir}/config.json is invalid: {e}") from None
   objective = objectives.make_objective(config)
-  tx = make_optimizer(config.train)
+  tx = make_optimizer(config.train, d=config.task.get("d"))
   graphdef, state = _init_state(objective, config, tx)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):

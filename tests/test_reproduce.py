@@ -23,19 +23,23 @@ def _load(name):
   return module.get_config()
 
 
-def tiny_grid():
+def tiny_grid(train_mode="window"):
   c = _load("reproduce_quick")
   g = c.grid
   g.kinds, g.ds, g.n_over_d, g.condition_numbers = ("linear_regression",), (3,), (4.0,), (1.0,)
-  g.loops, g.trained_loops, g.fixed_loops, g.seeds = (1, 2, 3, 4, 6), (2,), 2, (0, 1)
+  g.loops, g.fixed_loops, g.seeds = (1, 2, 3, 4, 6), 2, (0, 1)
+  # window: one model trained at T = 4 (loss on loops 1..4), read at T = 2 and 4; per_loops: one
+  # model per T, here only T = 2.
+  g.train_mode, g.trained_loops = train_mode, ((2, 4) if train_mode == "window" else (2,))
   g.eval_prompts, g.cpu_devices = 256, 0  # pytest's JAX already runs on one device
   t = c.experiment.train
   t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
   return c
 
 
-def test_tiny_grid_end_to_end_and_resume(tmp_path):
-  config = tiny_grid()
+@pytest.mark.parametrize("train_mode", ["window", "per_loops"])
+def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
+  config = tiny_grid(train_mode)
   logs = []
   out = reproduce.run(config, str(tmp_path), log=logs.append)
   assert out["skipped"] == 0 and out["computed"] == len(reproduce.points(config))
@@ -47,7 +51,8 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
   methods = {r["method"] for r in rows}
   assert methods == {"construction", "trained"}
   # One row per (setting, T, seed, method): constructions at every T, trained at trained_loops.
-  assert len(rows) == 2 * (5 + 1)
+  assert len(rows) == 2 * (5 + len(config.grid.trained_loops))
+  assert sorted({int(r["loops"]) for r in rows if r["method"] == "trained"}) == list(config.grid.trained_loops)
   # The claim's core: at n = 4d the construction's error falls with every loop, for every seed.
   for seed in ("0", "1"):
     errs = [float(r["error"]) for r in rows if r["method"] == "construction" and r["n_context"] == "12"
@@ -125,6 +130,32 @@ np.savez({str(tmp_path / "sharded.npz")!r}, diverged=result.diverged_at, **resul
     np.testing.assert_allclose(sharded[name], leaf, rtol=1e-5, atol=1e-6)
 
 
+def test_construction_phase_moves_only_the_construction_blocks():
+  """train.construction_steps = k: for k steps only P_yy and Q_xx move (the rest stays exactly
+  at its initial value); after step k every entry trains.  Same seeds, same data, so the two
+  runs share their first k steps' construction blocks only up to what the free entries change."""
+  d = 3
+  def run(steps, construction_steps):
+    config = tiny_config(**{"train.steps": steps, "train.steps_per_call": 5,
+                            "train.construction_steps": construction_steps})
+    config.task.d = d
+    init = sweep.init_states(objectives.make_objective(config), config,
+                             train.make_optimizer(config.train, d=d), [0])[1]["params"]
+    return ({k: np.asarray(v[0]) for k, v in init.items()},
+            sweep.seed_params(sweep.train_seeds(config, [0]), 0))
+  init, during = run(10, 10)
+  _, after = run(20, 10)
+  blocks = {"P": (slice(d, None), slice(d, None)), "Q": (slice(0, d), slice(0, d))}
+  for name, block in blocks.items():
+    off = np.ones_like(init[name], bool)
+    off[block] = False
+    np.testing.assert_array_equal(during[name][off], init[name][off])   # frozen, bit for bit
+    assert np.abs(during[name][block] - init[name][block]).max() > 1e-4  # the construction trains
+    assert np.abs(after[name][off] - init[name][off]).max() > 1e-4        # released after step k
+  with pytest.raises(ValueError, match="construction_steps"):
+    train.make_optimizer(tiny_config(**{"train.construction_steps": 5}).train)
+
+
 def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
   """Lane 1 turns NaN at step 3: it freezes there for good; lane 0 runs as if alone."""
   def step_fn(state, step):
@@ -150,7 +181,7 @@ def test_script_bad_config_is_one_line_exit_2(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"),
        "--config", os.path.join(ROOT, "configs", "reproduce_quick.py"), "--workdir", str(tmp_path),
-       "--config.grid.fixed_loops=7"],
+       "--config.grid.fixed_loops=13"],
       capture_output=True, text=True, cwd=ROOT, timeout=60)
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "grid.fixed_loops" in proc.stderr
