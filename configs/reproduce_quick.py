@@ -32,6 +32,7 @@ def get_config():
   g.condition_numbers = (1.0,)
   g.loops = tuple(range(1, 13))
   g.trained_loops = tuple(range(1, 13))
+  g.weight_loops = (4, 8)
   g.fixed_loops = 10
   g.fixed_n_over_d = 4.0
   g.eval_prompts = 1024

@@ -65,7 +65,7 @@ def validate(config) -> None:
   g = config.grid
   known = {"kinds", "ds", "n_over_d", "condition_numbers", "loops", "trained_loops", "seeds",
            "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures",
-           "cpu_devices"}
+           "cpu_devices", "weight_loops"}
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
@@ -98,6 +98,10 @@ def validate(config) -> None:
   for name, low in (("eval_prompts", 1), ("eval_seed", 0), ("cpu_devices", 0)):
     if not is_int(g.get(name, 0)) or g.get(name, 0) < low:
       raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: an integer >= {low}")
+  weight_loops = g.get("weight_loops", ())
+  if not isinstance(weight_loops, (tuple, list)) or not all(is_int(x) and x >= 1 for x in weight_loops):
+    raise GridError(f"config.grid.weight_loops={weight_loops!r} is invalid; allowed: a tuple of "
+                    "integers >= 1 (() for none)")
   if g.train_mode not in TRAIN_MODES:
     raise GridError(f"config.grid.train_mode={g.train_mode!r} is invalid; allowed: {' | '.join(TRAIN_MODES)}")
   if not isinstance(g.figures, bool):
@@ -145,6 +149,12 @@ def points(config) -> list[dict]:
     if config.grid.train_mode == "window":
       trained.append(dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[max(loops)],
                           read_loops=loops))
+      # The weights-vs-T figure needs models trained at smaller T too (a window model has one set
+      # of weights for every T it is read at): at n/d = fixed_n_over_d only; no CSV error rows.
+      if kappa == 1.0 and n == n_context(d, config.grid.fixed_n_over_d):
+        trained += [dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[int(t)],
+                         read_loops=[int(t)], role="weights")
+                    for t in sorted(set(config.grid.get("weight_loops", ()))) if int(t) < max(loops)]
     else:
       trained += [dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[t], read_loops=[t])
                   for t in loops]
@@ -437,7 +447,7 @@ def rows_from_points(config, data: dict) -> list[dict]:
             point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
   for pid, pt in data.items():
     p = pt["point"]
-    if p["method"] != "trained":
+    if p["method"] != "trained" or p.get("role") == "weights":
       continue
     T_train = p["loops"][0]
     for seed, s in pt["seeds"].items():
@@ -467,20 +477,61 @@ def rows_from_points(config, data: dict) -> list[dict]:
   return sorted(rows, key=order)
 
 
-def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
-  """Rebuilds results.csv, summary.md (and the figures) from the finished points."""
-  rows = rows_from_points(config, load_points(config, workdir))
-  tmp = os.path.join(workdir, "results.csv.tmp")
+WEIGHT_COLUMNS = ("task_kind", "d", "n_context", "n_over_d", "condition_number", "trained_loops",
+                  "seed", "train_mode", "diverged", "error", "gd_error", "weight_distance",
+                  "offblock_fraction", "precond_cos_identity", "precond_cos_sigma_inv")
+
+
+def weight_rows_from_points(config, data: dict) -> list[dict]:
+  """weights.csv: one row per trained model (point × seed) — its weights against the
+  construction, and its error read at the T it was trained at (`trained_loops`)."""
+  constructions = {}
+  for pt in data.values():
+    p = pt["point"]
+    if p["method"] == "construction":
+      for seed, s in pt["seeds"].items():
+        for T, r in s["loops"].items():
+          constructions[(p["kind"], p["d"], p["n"], p["kappa"], int(T), int(seed))] = r["error"]
+  rows = []
+  for pt in data.values():
+    p = pt["point"]
+    if p["method"] != "trained":
+      continue
+    T = p["loops"][0]
+    for seed, s in pt["seeds"].items():
+      diverged = s["diverged_at_step"] >= 0
+      rows.append(dict(
+          task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
+          condition_number=p["kappa"], trained_loops=T, seed=int(seed),
+          train_mode=config.grid.train_mode, diverged=int(diverged),
+          error=float("nan") if diverged else s["error_per_loop"][T - 1],
+          gd_error=constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)), float("nan")),
+          **{k: s[k] for k in WEIGHT_COLUMNS[-4:]}))
+  return sorted(rows, key=lambda r: (r["task_kind"], r["d"], r["condition_number"], r["n_context"],
+                                     r["trained_loops"], r["seed"]))
+
+
+def _write_csv(path: str, columns, rows) -> None:
+  tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     for r in rows:
       writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-  os.replace(tmp, os.path.join(workdir, "results.csv"))
+  os.replace(tmp, path)
+
+
+def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
+  """Rebuilds results.csv, weights.csv, summary.md (and the figures) from the finished points."""
+  data = load_points(config, workdir)
+  rows = rows_from_points(config, data)
+  weight_rows = weight_rows_from_points(config, data)
+  _write_csv(os.path.join(workdir, "weights.csv"), WEIGHT_COLUMNS, weight_rows)
+  _write_csv(os.path.join(workdir, "results.csv"), CSV_COLUMNS, rows)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(summary_markdown(config, rows))
   if figures and rows:
-    for name, fig in make_figures(config, rows).items():
+    for name, fig in make_figures(config, rows, weight_rows).items():
       fig.savefig(os.path.join(workdir, name + ".png"), dpi=110)
   return rows
 
@@ -552,8 +603,9 @@ def _log(ax):
     ax.set_yscale("log")
 
 
-def make_figures(config, rows: list[dict]) -> dict:
-  """name -> Figure: error vs T, error vs n/d, error vs κ_Σ, weights vs T (one row per d)."""
+def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
+  """name -> Figure: error vs T, error vs n/d, error vs κ_Σ (results.csv rows), weights vs the
+  trained T (weights.csv rows)."""
   agg, g, figs = aggregate(rows), config.grid, {}
   kinds = [k for k in g.kinds if any(r["task_kind"] == k for r in rows)]
   ds = [int(d) for d in g.ds]
@@ -610,21 +662,23 @@ def make_figures(config, rows: list[dict]) -> dict:
     fig.suptitle(kind, fontsize=9)
     figs[f"error_vs_n_and_condition_{kind}"] = fig
 
-    # 4. Learned vs construction: weight distance and implied-preconditioner alignment vs T.
+    # 4. Learned vs construction: weight distance and implied-preconditioner alignment vs the T a
+    # model was trained at (weights.csv: every trained model, seeds averaged).
     fig, axes = _figure(1, 3, width=3.4, height=3.0)
     for d, ls in zip(ds, ("-", "--", ":", "-.")):
       for j, r in enumerate(ratios):
         n = n_context(d, r)
-        Ts = sorted(T for (k, dd, nn, kap, m, T) in agg if (k, dd, nn, kap, m) == (kind, d, n, 1.0, "trained"))
+        mine = [w for w in weight_rows if (w["task_kind"], w["d"], w["n_context"], w["condition_number"])
+                == (kind, d, n, 1.0) and not w["diverged"]]
+        Ts = sorted({w["trained_loops"] for w in mine})
         if not Ts:
           continue
-        st = [agg[(kind, d, n, 1.0, "trained", T)] for T in Ts]
         for ax, field in zip(axes[0], ("weight_distance", "offblock_fraction", "precond_cos_identity")):
-          ax.plot(Ts, [s[field] for s in st], color=f"C{j}", ls=ls, marker="o", ms=3,
-                  label=f"d={d}, n/d={r:g}")
+          ax.plot(Ts, [np.mean([float(w[field]) for w in mine if w["trained_loops"] == T]) for T in Ts],
+                  color=f"C{j}", ls=ls, marker="o", ms=3, label=f"d={d}, n/d={r:g}")
     for ax, title in zip(axes[0], ("distance to the plain-GD line (P⊗Q)", "off-construction fraction",
                                    "cos(implied preconditioner Â, I)")):
-      ax.set_title(title, fontsize=8); ax.set_xlabel("trained loops T")
+      ax.set_title(title, fontsize=8); ax.set_xlabel("loops T the model was trained at")
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"{kind}: trained weights vs the GD construction (κ_Σ = 1; mean over seeds)", fontsize=9)
     figs[f"weights_vs_loops_{kind}"] = fig

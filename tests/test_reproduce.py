@@ -31,6 +31,7 @@ def tiny_grid(train_mode="window"):
   # window: one model trained at T = 4 (loss on loops 1..4), read at T = 2 and 4; per_loops: one
   # model per T, here only T = 2.
   g.train_mode, g.trained_loops = train_mode, ((2, 4) if train_mode == "window" else (2,))
+  g.weight_loops = (2,)  # window: one more model, trained at T = 2, for the weights-vs-T figure
   g.eval_prompts, g.cpu_devices = 256, 0  # pytest's JAX already runs on one device
   t = c.experiment.train
   t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
@@ -53,12 +54,22 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   # One row per (setting, T, seed, method): constructions at every T, trained at trained_loops.
   assert len(rows) == 2 * (5 + len(config.grid.trained_loops))
   assert sorted({int(r["loops"]) for r in rows if r["method"] == "trained"}) == list(config.grid.trained_loops)
+  trained = [r for r in rows if r["method"] == "trained"]
+  # weights.csv: one row per trained model and seed, at the T it was trained at.
+  with open(tmp_path / "weights.csv") as f:
+    weight_rows = list(csv.DictReader(f))
+  assert sorted({int(r["trained_loops"]) for r in weight_rows}) == ([2, 4] if train_mode == "window" else [2])
+  assert len(weight_rows) == 2 * (2 if train_mode == "window" else 1)
+  for r in weight_rows:
+    assert 0.0 <= float(r["offblock_fraction"]) <= 1.0 and np.isfinite(float(r["weight_distance"]))
+    if train_mode == "per_loops" or r["trained_loops"] == "4":  # the results.csv model, at its T
+      same = [x for x in trained if x["seed"] == r["seed"] and x["loops"] == r["trained_loops"]]
+      assert float(same[0]["error"]) == pytest.approx(float(r["error"]), rel=1e-5)
   # The claim's core: at n = 4d the construction's error falls with every loop, for every seed.
   for seed in ("0", "1"):
     errs = [float(r["error"]) for r in rows if r["method"] == "construction" and r["n_context"] == "12"
             and r["seed"] == seed]
     assert len(errs) == 5 and all(b < a for a, b in zip(errs, errs[1:])), errs
-  trained = [r for r in rows if r["method"] == "trained"]
   assert all(np.isfinite(float(r["error"])) or r["diverged"] == "1" for r in trained)
   # The vectorised best-step search is construction.best_constant_step, for every T at once.
   with jax.enable_x64(True):
