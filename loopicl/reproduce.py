@@ -689,6 +689,31 @@ def _fmt(x) -> str:
   return "—" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
 
+HEADLINE_LOOPS = (1, 2, 5, 10, 20)
+
+
+def headline_table(rows: list[dict], loops=HEADLINE_LOOPS) -> list[str]:
+  """Markdown lines: trained vs construction at a few T, with the per-seed ratio range."""
+  agg = aggregate(rows)
+  ratios = {}
+  for r in rows:
+    if r["method"] == "trained" and not int(r["diverged"]):
+      key = (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["loops"])
+      ratios.setdefault(key, []).append(float(r["ratio_to_construction"]))
+  lines = ["## Headline: trained / construction at T ∈ {" + ", ".join(map(str, loops)) + "}", "",
+           "| task | d | n/d | κ_Σ | κ̂ (median) | T | construction | trained | trained / construction, seeds min–max | diverged |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for kind, d, n, kap, method, T in sorted(agg):
+    t = agg.get((kind, d, n, kap, "trained", T))
+    if method != "construction" or T not in loops or t is None:
+      continue
+    c, rs = agg[(kind, d, n, kap, method, T)], ratios.get((kind, d, n, kap, T), [])
+    span = f"{_fmt(min(rs))}–{_fmt(max(rs))}" if rs else "—"
+    lines.append(f"| {kind} | {d} | {n / d:g} | {kap:g} | {_fmt(c['kappa_hat'])} | {T} | {_fmt(c['mean'])} | "
+                 f"{_fmt(t['mean'])} | {span} | {t['diverged']}/{t['seeds']} |")
+  return lines
+
+
 def summary_markdown(config, rows: list[dict]) -> str:
   """The grid's table (mean [min, max] over seeds) and per-T trained/construction ratios."""
   agg, g = aggregate(rows), config.grid
@@ -699,6 +724,7 @@ def summary_markdown(config, rows: list[dict]) -> str:
            "Error: query MSE (linear_regression) or ||Ŵ−W*||_F/||W*||_F (vector_generation), "
            "mean [min, max] over seeds; diverged seeds are counted, not averaged in. "
            "ratio = trained / construction on the same prompts (mean of per-seed ratios).", ""]
+  lines += headline_table(rows, loops=HEADLINE_LOOPS) + ["", "## Every grid point", ""]
   lines += ["| task | d | n | n/d | κ_Σ | T | κ̂ (median) | theory ρ^T | construction | trained | ratio | diverged |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({k[:4] + (k[5],) for k in agg})
