@@ -2,12 +2,15 @@
 
   python scripts/benchmark_sweep.py                    # K = 8, configs/default.py, 300 steps
   python scripts/benchmark_sweep.py --seeds 8 --steps 1000 --loops 10
+  python scripts/benchmark_sweep.py --cpu-devices 2     # both sides on 2 host CPU devices
 
 Both sides do the same training work on the same config: the sequential side is what K separate
 runs do (each builds and compiles its own `train.make_train_chunk`, then runs its chunks); the
 vmapped side is `sweep.train_seeds` (one compile, K seeds per dispatch).  Evaluation and
 checkpointing are left out of both.  Prints total wall times, the speed-up, and the part of each
-spent in the first chunk (compilation + first steps).  On a shared CPU, run it twice.
+spent in the first chunk (compilation + first steps).  On a shared CPU, run it twice.  With
+--cpu-devices k both sides see k host devices: each sequential run splits its batch over them
+(data parallel, as train.py does), the vmapped program splits the seeds (sweep.seed_mesh).
 """
 import argparse
 import importlib.util
@@ -21,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loopicl import objectives, sweep, train  # noqa: E402
+from loopicl import distributed, objectives, sweep, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +70,9 @@ def main():
   parser.add_argument("--seeds", type=int, default=8, help="K")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--loops", type=int, default=None, help="model.loops (default: the config's)")
+  parser.add_argument("--cpu-devices", type=int, default=0, help="host CPU devices (0: one)")
   args = parser.parse_args()
+  distributed.set_cpu_devices(args.cpu_devices)  # before any JAX computation
   config = load_config(args.config)
   config.train.steps = args.steps
   if args.loops:
