@@ -54,7 +54,8 @@ def main():
   names = [r for r in args.recipes.split(",") if r]
   unknown = [r for r in names if r not in RECIPES]
   if unknown:
-    sys.exit(f"error: --recipes={','.join(unknown)} is invalid; allowed: {' | '.join(RECIPES)}")
+    from loopicl.cli import fail
+    fail(f"--recipes={','.join(unknown)} is invalid; allowed: {' | '.join(RECIPES)}")
   from loopicl import distributed, reproduce
   distributed.set_cpu_devices(recipe_config("window", {}).grid.cpu_devices)
   print("| recipe | overrides | diverged | trained / GD at T = 20, per seed |")
