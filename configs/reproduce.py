@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.grid.eval_seed = 1234                  # seed of the held-out prompts (fold_in'd with the seed)
   config.grid.train_mode = "window"             # window: one model at max T, loss on every loop, read at
                                                 # every T | per_loops: one model per T, last-loop loss
+  config.grid.condition_train_mode = "per_loops"  # κ_Σ > 1 (read at fixed_loops only): last-loop loss —
+                                                # the window loss diverges there (docs/reproduction.md)
   config.grid.weight_loops = (5, 10, 15)        # window: also train at these T (n/d = fixed_n_over_d) for
                                                 # the weights-vs-T figure (weights.csv; no error rows)
   config.grid.cpu_devices = 2                   # host CPU devices the seeds are split over (0: one)

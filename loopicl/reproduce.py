@@ -65,7 +65,7 @@ def validate(config) -> None:
   g = config.grid
   known = {"kinds", "ds", "n_over_d", "condition_numbers", "loops", "trained_loops", "seeds",
            "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures",
-           "cpu_devices", "weight_loops"}
+           "cpu_devices", "weight_loops", "condition_train_mode"}
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
@@ -102,8 +102,9 @@ def validate(config) -> None:
   if not isinstance(weight_loops, (tuple, list)) or not all(is_int(x) and x >= 1 for x in weight_loops):
     raise GridError(f"config.grid.weight_loops={weight_loops!r} is invalid; allowed: a tuple of "
                     "integers >= 1 (() for none)")
-  if g.train_mode not in TRAIN_MODES:
-    raise GridError(f"config.grid.train_mode={g.train_mode!r} is invalid; allowed: {' | '.join(TRAIN_MODES)}")
+  for name in ("train_mode", "condition_train_mode"):
+    if g.get(name, g.train_mode) not in TRAIN_MODES:
+      raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: {' | '.join(TRAIN_MODES)}")
   if not isinstance(g.figures, bool):
     raise GridError(f"config.grid.figures={g.figures!r} is invalid; allowed: True | False")
   # The experiment template must be a valid training config at every T it will be trained at.
@@ -146,7 +147,7 @@ def points(config) -> list[dict]:
   trained = []
   for kind, d, n, kappa in settings(config):
     loops = _loops_for(config, kappa, trained=True)
-    if config.grid.train_mode == "window":
+    if train_mode_of(config, kappa) == "window":
       trained.append(dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[max(loops)],
                           read_loops=loops))
       # The weights-vs-T figure needs models trained at smaller T too (a window model has one set
@@ -162,6 +163,13 @@ def points(config) -> list[dict]:
   return out + trained
 
 
+def train_mode_of(config, kappa: float) -> str:
+  """How the models of a setting train: grid.train_mode, except that the κ_Σ > 1 settings (read
+  at grid.fixed_loops only) use grid.condition_train_mode when it is set."""
+  g = config.grid
+  return g.get("condition_train_mode", g.train_mode) if float(kappa) != 1.0 else g.train_mode
+
+
 def point_id(p: dict) -> str:
   base = f"{p['kind']}_d{p['d']}_n{p['n']}_kappa{p['kappa']:g}_{p['method']}"
   return base + (f"_T{p['loops'][0]}" if p["method"] == "trained" else "")
@@ -175,7 +183,7 @@ def _experiment(config, kind, d, n, kappa, loops) -> ml_collections.ConfigDict:
     exp.task.condition_number = float(kappa)
     exp.model.loops = int(loops)
     exp.eval.seed = int(config.grid.eval_seed)
-    if config.grid.train_mode == "window":
+    if train_mode_of(config, kappa) == "window":
       exp.train.loss_loops = int(loops)   # every loop is read out, so every loop is trained
       exp.train.loss_normalization = "gd"
   return exp
@@ -191,7 +199,7 @@ def fingerprint(config, p: dict) -> str:
     train = exp.train.to_dict()
     if train["curriculum_start"] == 0:  # fields that change nothing must not invalidate a point
       train.pop("curriculum_every"), train.pop("curriculum_increment")
-    parts.update(model=exp.model.to_dict(), train=train, mode=g.train_mode)
+    parts.update(model=exp.model.to_dict(), train=train, mode=train_mode_of(config, p["kappa"]))
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -469,7 +477,7 @@ def rows_from_points(config, data: dict) -> list[dict]:
             error_at_freeze=err if diverged else "", nonfinite_prompts=s["nonfinite_per_loop"][T - 1],
             weight_distance=s["weight_distance"], offblock_fraction=s["offblock_fraction"],
             precond_cos_identity=s["precond_cos_identity"],
-            precond_cos_sigma_inv=s["precond_cos_sigma_inv"], train_mode=g.train_mode,
+            precond_cos_sigma_inv=s["precond_cos_sigma_inv"], train_mode=train_mode_of(config, p["kappa"]),
             trained_loops=T_train, train_steps=pt["train_steps"], point_wall_s=pt["wall_s"],
             error_at_zero=ref[1]["error_at_zero"] if ref else float("nan")))
   order = lambda r: (r["task_kind"], r["d"], r["condition_number"], r["n_context"], r["method"],
@@ -503,7 +511,7 @@ def weight_rows_from_points(config, data: dict) -> list[dict]:
       rows.append(dict(
           task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
           condition_number=p["kappa"], trained_loops=T, seed=int(seed),
-          train_mode=config.grid.train_mode, diverged=int(diverged),
+          train_mode=train_mode_of(config, p["kappa"]), diverged=int(diverged),
           error=float("nan") if diverged else s["error_per_loop"][T - 1],
           gd_error=constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)), float("nan")),
           **{k: s[k] for k in WEIGHT_COLUMNS[-4:]}))
@@ -720,7 +728,8 @@ def summary_markdown(config, rows: list[dict]) -> str:
   lines = ["# Reproduction grid: summary", "",
            f"Trained models: `grid.train_mode = {g.train_mode}` "
            + ("(one model trained at each T)." if g.train_mode == "per_loops"
-              else f"(one model trained at T = {max(g.trained_loops)} with a loss on every loop, read at each T)."),
+              else f"(one model trained at T = {max(g.trained_loops)} with a loss on every loop, read at each T)")
+           + (f"; κ_Σ > 1 settings: `{train_mode_of(config, 2.0)}`." if train_mode_of(config, 2.0) != g.train_mode else ""),
            "Error: query MSE (linear_regression) or ||Ŵ−W*||_F/||W*||_F (vector_generation), "
            "mean [min, max] over seeds; diverged seeds are counted, not averaged in. "
            "ratio = trained / construction on the same prompts (mean of per-seed ratios).", ""]

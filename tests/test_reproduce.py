@@ -87,6 +87,27 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   assert (tmp_path / "results.csv").read_text() == before
 
 
+def test_condition_settings_train_in_their_own_mode():
+  """grid.condition_train_mode: the κ_Σ > 1 settings (read at fixed_loops only) train with the
+  last-loop loss while κ_Σ = 1 keeps the window loss; only their points' fingerprints change."""
+  config = tiny_grid("window")
+  config.grid.condition_numbers, config.grid.condition_train_mode = (1.0, 10.0), "window"
+  before = {reproduce.point_id(p): reproduce.fingerprint(config, p) for p in reproduce.points(config)}
+  config.grid.condition_train_mode = "per_loops"
+  trained = [p for p in reproduce.points(config) if p["method"] == "trained"]
+  assert [p["loops"] for p in trained if p["kappa"] == 10.0] == [[config.grid.fixed_loops]]
+  conditioned = reproduce._experiment(config, "linear_regression", 3, 12, 10.0, 2).train
+  isotropic = reproduce._experiment(config, "linear_regression", 3, 12, 1.0, 4).train
+  assert (conditioned.loss_loops, conditioned.loss_normalization) == (1, "none")
+  assert (isotropic.loss_loops, isotropic.loss_normalization) == (4, "gd")
+  for p in reproduce.points(config):
+    changed = reproduce.fingerprint(config, p) != before[reproduce.point_id(p)]
+    assert changed == (p["method"] == "trained" and p["kappa"] == 10.0), reproduce.point_id(p)
+  config.grid.condition_train_mode = "sometimes"
+  with pytest.raises(reproduce.GridError, match="grid.condition_train_mode"):
+    reproduce.validate(config)
+
+
 def test_sweep_equals_separate_runs():
   """K seeds in one vmapped program end where K separate single-seed runs end.
 
