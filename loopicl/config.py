@@ -8,6 +8,7 @@ a field that changes the shape of what the checkpoint holds.
 from __future__ import annotations
 
 import numbers
+import os
 
 import ml_collections
 
@@ -62,6 +63,16 @@ def _bool(cfg, section, name):
 def _concept_task_fields():
   from loopicl import concepts
   return concepts.default_config().keys()
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (configs/*.py are files, not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "loopicl_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def known_fields() -> dict:

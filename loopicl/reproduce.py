@@ -432,27 +432,32 @@ def load_points(config, workdir: str) -> dict:
   return out
 
 
+def _construction_index(data: dict) -> dict:
+  """(kind, d, n, κ, T, seed) -> (the construction's record at T, its seed's record, its point)."""
+  out = {}
+  for pt in data.values():
+    p = pt["point"]
+    if p["method"] == "construction":
+      for seed, s in pt["seeds"].items():
+        for T, r in s["loops"].items():
+          out[(p["kind"], p["d"], p["n"], p["kappa"], int(T), int(seed))] = (r, s, pt)
+  return out
+
+
 def rows_from_points(config, data: dict) -> list[dict]:
   """The results.csv rows (dicts with CSV_COLUMNS) of every finished point."""
-  g, rows = config.grid, []
-  constructions = {}
-  for pid, pt in data.items():
-    p = pt["point"]
-    if p["method"] != "construction":
-      continue
-    for seed, s in pt["seeds"].items():
-      rate = float(construction.convergence_rate(s["kappa_hat"]))
-      for T, r in s["loops"].items():
-        constructions[(p["kind"], p["d"], p["n"], p["kappa"], int(T), int(seed))] = (r, s)
-        rows.append(dict(
-            task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
-            condition_number=p["kappa"], loops=int(T), seed=int(seed), method="construction",
-            error=r["error"], kappa_hat=s["kappa_hat"], theory_rate=rate,
-            gd_step_size=r["gd_step_size"], gd_error=r["error"], ratio_to_construction=1.0,
-            diverged=0, diverged_at_step=-1, error_at_freeze="", nonfinite_prompts=r["nonfinite_prompts"],
-            weight_distance=0.0, offblock_fraction=0.0, precond_cos_identity=1.0,
-            precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
-            point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
+  rows = []
+  constructions = _construction_index(data)
+  for (kind, d, n, kappa, T, seed), (r, s, pt) in constructions.items():
+    rows.append(dict(
+        task_kind=kind, d=d, n_context=n, n_over_d=n / d, condition_number=kappa, loops=T,
+        seed=seed, method="construction", error=r["error"], kappa_hat=s["kappa_hat"],
+        theory_rate=float(construction.convergence_rate(s["kappa_hat"])),
+        gd_step_size=r["gd_step_size"], gd_error=r["error"], ratio_to_construction=1.0,
+        diverged=0, diverged_at_step=-1, error_at_freeze="", nonfinite_prompts=r["nonfinite_prompts"],
+        weight_distance=0.0, offblock_fraction=0.0, precond_cos_identity=1.0,
+        precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
+        point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
   for pid, pt in data.items():
     p = pt["point"]
     if p["method"] != "trained" or p.get("role") == "weights":
@@ -493,13 +498,7 @@ WEIGHT_COLUMNS = ("task_kind", "d", "n_context", "n_over_d", "condition_number",
 def weight_rows_from_points(config, data: dict) -> list[dict]:
   """weights.csv: one row per trained model (point × seed) — its weights against the
   construction, and its error read at the T it was trained at (`trained_loops`)."""
-  constructions = {}
-  for pt in data.values():
-    p = pt["point"]
-    if p["method"] == "construction":
-      for seed, s in pt["seeds"].items():
-        for T, r in s["loops"].items():
-          constructions[(p["kind"], p["d"], p["n"], p["kappa"], int(T), int(seed))] = r["error"]
+  constructions = _construction_index(data)
   rows = []
   for pt in data.values():
     p = pt["point"]
@@ -508,12 +507,13 @@ def weight_rows_from_points(config, data: dict) -> list[dict]:
     T = p["loops"][0]
     for seed, s in pt["seeds"].items():
       diverged = s["diverged_at_step"] >= 0
+      ref = constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)))
       rows.append(dict(
           task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
           condition_number=p["kappa"], trained_loops=T, seed=int(seed),
           train_mode=train_mode_of(config, p["kappa"]), diverged=int(diverged),
           error=float("nan") if diverged else s["error_per_loop"][T - 1],
-          gd_error=constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)), float("nan")),
+          gd_error=ref[0]["error"] if ref else float("nan"),
           **{k: s[k] for k in WEIGHT_COLUMNS[-4:]}))
   return sorted(rows, key=lambda r: (r["task_kind"], r["d"], r["condition_number"], r["n_context"],
                                      r["trained_loops"], r["seed"]))

@@ -13,7 +13,6 @@ spent in the first chunk (compilation + first steps).  On a shared CPU, run it t
 (data parallel, as train.py does), the vmapped program splits the seeds (sweep.seed_mesh).
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -24,16 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loopicl import distributed, objectives, sweep, train  # noqa: E402
+from loopicl import config as config_lib, distributed, objectives, sweep, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("benchmark_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def sequential(config, seeds):
@@ -73,7 +65,7 @@ def main():
   parser.add_argument("--cpu-devices", type=int, default=0, help="host CPU devices (0: one)")
   args = parser.parse_args()
   distributed.set_cpu_devices(args.cpu_devices)  # before any JAX computation
-  config = load_config(args.config)
+  config = config_lib.load_file(args.config)
   config.train.steps = args.steps
   if args.loops:
     config.model.loops = args.loops

@@ -12,7 +12,6 @@ how many seeds diverged and each seed's trained / GD error at T = 20.  Rerunning
 """
 import argparse
 import csv
-import importlib.util
 import os
 import sys
 
@@ -31,10 +30,8 @@ RECIPES = {
 
 
 def recipe_config(mode: str, overrides: dict):
-  spec = importlib.util.spec_from_file_location("reproduce_config", os.path.join(ROOT, "configs", "reproduce.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from loopicl import config as config_lib
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "reproduce.py"))
   g = config.grid
   g.kinds, g.ds, g.n_over_d, g.condition_numbers = ("linear_regression",), (10,), (4.0,), (1.0,)
   g.loops, g.fixed_loops, g.weight_loops = tuple(range(1, 21)), 20, ()

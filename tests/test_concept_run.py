@@ -1,5 +1,4 @@
 """Concept classification through the shared training loop, evaluate and its report."""
-import importlib.util
 import json
 import math
 import os
@@ -7,16 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from loopicl import concept_report, evaluate_run, train
+from loopicl import concept_report, config as config_lib, evaluate_run, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _concepts_config(**overrides):
-  spec = importlib.util.spec_from_file_location("concepts_config", os.path.join(ROOT, "configs", "concepts.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_lib.load_file(os.path.join(ROOT, "configs", "concepts.py"))
   for k, v in overrides.items():
     section, field = k.split(".")
     c[section][field] = v

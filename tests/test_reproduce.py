@@ -1,6 +1,5 @@
 """The reproduction grid end to end (tiny), and the vmapped seed sweep against separate runs."""
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,17 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl import construction, objectives, reproduce, sweep, train
+from loopicl import config as config_lib, construction, objectives, reproduce, sweep, train
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(os.path.join(ROOT, "configs", name + ".py"))
 
 
 def tiny_grid(train_mode="window"):

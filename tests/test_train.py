@@ -25,11 +25,7 @@ TINY_OVERRIDES = {
 
 
 def _load_default():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("default_config", DEFAULT_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(DEFAULT_CONFIG)
 
 
 def tiny_config(**overrides):
