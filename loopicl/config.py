@@ -20,6 +20,7 @@ LOSS_NORMALIZATIONS = ("none", "gd")
 MODEL_INITS = ("random", "gd")  # model.init: random weights | the GD construction (step init_step) + noise
 CONCEPT_KINDS = ("concept_classification",)
 ATTENTION_FORMS = ("reassociated", "textbook")  # model.form: as loopicl.model.ATTENTION_FORMS
+KERNELS = ("auto", "xla", "cpu")  # model.kernel: as loopicl.model.KERNELS
 
 # Fields that fix the shapes of the parameters and optimizer state: a checkpoint written under one
 # value cannot be restored under another.
@@ -80,7 +81,8 @@ def known_fields() -> dict:
   return {
       "task": set(tasks.default_config().keys()) | set(_concept_task_fields()),
       "model": {"parameterization", "loops", "init_scale", "remat", "unroll", "mlp_width",
-                "heads", "attention_init_scale", "init", "init_step", "form"},
+                "heads", "attention_init_scale", "init", "init_step", "form", "kernel",
+                "kernel_threads"},
       "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
                 "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
                 "loss_normalization", "curriculum_start", "curriculum_every",
@@ -138,6 +140,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _real(cfg, "model", "init_step", 0.0, strict=True)
   if "form" in cfg.model:  # optional: configs written before it existed lack it
     _choice(cfg, "model", "form", ATTENTION_FORMS)
+  if "kernel" in cfg.model:  # optional, as form
+    _choice(cfg, "model", "kernel", KERNELS)
+  if "kernel_threads" in cfg.model:
+    _int(cfg, "model", "kernel_threads", low=0)
   if "cpu_devices" in cfg:
     v = cfg.cpu_devices
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:

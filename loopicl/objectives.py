@@ -52,7 +52,9 @@ class LinearRegressionObjective:
     m = self.config.model
     model = LoopedLinearTransformer(self.task.d, self.task.d_out, m.parameterization,
                                     init_scale=m.init_scale, remat=m.remat, unroll=m.unroll,
-                                    form=m.get("form", "reassociated"), rngs=rngs)
+                                    form=m.get("form", "reassociated"),
+                                    kernel=m.get("kernel", "xla"),
+                                    threads=m.get("kernel_threads", 0), rngs=rngs)
     if m.get("init", "random") == "gd":
       # Warm start at the GD construction with a small step η₀: the loop starts contractive on
       # every prompt, so large T cannot blow up at initialisation.  For `full` the random draw

@@ -18,3 +18,7 @@ case "${LOOPICL_JAX:-cpu}" in
 esac
 "$python" -m pip install -q -e ".[test]"
 "$python" -c "import jax, flax, optax, orbax.checkpoint, loopicl; print('loopicl', loopicl.__version__, 'jax', jax.__version__, jax.devices())"
+# Build the fused CPU kernel (model.kernel = auto | cpu) now rather than at the first run; without
+# a C++ compiler loopicl still works, on the plain XLA path.
+"$python" -c "from loopicl import kernels; print('cpu kernel:', kernels.lanes(), 'lanes')" \
+  || echo "warning: the fused CPU kernel did not build; model.kernel='auto' will use 'xla'" >&2

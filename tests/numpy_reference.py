@@ -13,7 +13,7 @@ def looped_transformer_textbook(P, Q, Z0, loops, n_queries, d_out):
   M = np.diag(np.concatenate([np.ones(n), np.zeros(n_queries)]))
   outs, Zs = [], [Z.copy()]
   for _ in range(loops):
-    Z = Z + np.einsum("ij,bjk,kl,bml,mn,bnp->bip", P, Z, M, Z, Q, Z) / n
+    Z = Z + np.einsum("ij,bjk,kl,bml,mn,bnp->bip", P, Z, M, Z, Q, Z, optimize=True) / n
     outs.append(-Z[:, d:, n:])
     Zs.append(Z.copy())
   return np.stack(outs), np.stack(Zs)

@@ -1,0 +1,156 @@
+"""The loop as one fused CPU kernel (`model.kernel = "cpu"`): build, register, differentiate.
+
+`looped_attention.cc` computes the same T loops as `loopicl.model.loop_readouts` (reassociated
+form) and their backward pass, with the batch as the SIMD lane; see its header for why.  This
+module compiles it on first use with the machine's C++ compiler (`-O3 -march=native`, so the
+library is built for, and cached per, the CPU it runs on), registers its two handlers with XLA
+through `jax.ffi`, and wraps them in a `jax.custom_vjp`.
+
+Cache: $LOOPICL_KERNEL_CACHE, else ~/.cache/loopicl/kernels; one .so per (source, compiler,
+flags, JAX headers, CPU features) hash, written to a temporary name and renamed into place, so
+concurrent first uses in several processes are safe and a failed build leaves nothing behind.
+
+Limits: float32; CPU devices; vmap runs the kernel once per mapped element ("sequential").
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopicl.config import ConfigError
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "looped_attention.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGETS = {"forward": "loopicl_loop_forward", "backward": "loopicl_loop_backward"}
+
+
+class KernelUnavailable(ConfigError):
+  """The fused kernel cannot be built here (one line saying why and what is allowed instead)."""
+
+
+def _compiler() -> str:
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+  if not compiler:
+    raise KernelUnavailable("model.kernel='cpu' needs a C++ compiler (g++, c++ or clang++, or $CXX); "
+                            "allowed: install one, or model.kernel='xla'")
+  return compiler
+
+
+def _cpu_features() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return line
+  except OSError:
+    pass
+  return platform.processor() + platform.machine()
+
+
+def library_path() -> str:
+  """Builds the kernel library if this machine has no cached build of this source; its path."""
+  compiler = _compiler()
+  include = jax.ffi.include_dir()
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
+      source, compiler, version, " ".join(FLAGS), include, jax.__version__, _cpu_features()))).hexdigest()
+  cache = os.environ.get("LOOPICL_KERNEL_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "loopicl", "kernels")
+  path = os.path.join(cache, f"looped_attention-{key[:20]}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+  os.close(fd)
+  try:
+    result = subprocess.run([compiler, *FLAGS, f"-I{include}", SOURCE, "-o", tmp],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+      first = (result.stderr.strip().splitlines() or ["no output"])[0]
+      raise KernelUnavailable(f"model.kernel='cpu': building {os.path.basename(SOURCE)} failed "
+                              f"({first}); allowed: fix the compiler, or model.kernel='xla'")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.cache
+def lanes() -> int:
+  """Builds and registers the kernel once per process; the SIMD width it was built with."""
+  library = ctypes.cdll.LoadLibrary(library_path())
+  jax.ffi.register_ffi_target(_TARGETS["forward"], jax.ffi.pycapsule(library.LoopiclForward),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.LoopiclBackward),
+                              platform="cpu")
+  library.loopicl_lanes.restype = ctypes.c_int64
+  return int(library.loopicl_lanes())
+
+
+def _attributes(n_context: int, d_out: int, loops: int, store: bool, threads: int) -> dict:
+  return dict(n_context=np.int64(n_context), d_out=np.int64(d_out), loops=np.int64(loops),
+              store=bool(store), threads=np.int64(threads))
+
+
+def _residual_shape(batch: int, D: int, columns: int, loops: int, store: bool) -> tuple:
+  """[blocks, loops, Z_t + G_t + H_t + W_t vectors, lanes]; empty when the backward recomputes."""
+  if not store:
+    return (0,)
+  width = lanes()
+  return (-(-batch // width), loops, D * columns + 3 * D * D, width)
+
+
+def _forward(P, Q, Z0, n_context, d_out, loops, store, threads):
+  lanes()  # registered before the call is traced
+  batch, D, columns = Z0.shape
+  m = columns - n_context
+  return jax.ffi.ffi_call(
+      _TARGETS["forward"],
+      (jax.ShapeDtypeStruct((loops, batch, d_out, m), jnp.float32),
+       jax.ShapeDtypeStruct(_residual_shape(batch, D, columns, loops, store), jnp.float32)),
+      vmap_method="sequential",
+  )(P, Q, Z0, **_attributes(n_context, d_out, loops, store, threads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def fused_readouts(P, Q, Z0, n_context: int, d_out: int, loops: int, remat: bool, threads: int):
+  """The read-outs of `loops` loops, [loops, batch, d_out, m], as `model.loop_readouts` gives them.
+
+  P, Q: [D, D]; Z0: [batch, D, n_context + m]; all float32.  `remat`: the backward recomputes
+  each block's loop states instead of keeping them (memory O(batch·D·n) instead of O(T·…)).
+  `threads`: worker threads (0: XLA's intra-op pool size + 1).
+  """
+  readouts, _ = _forward(P, Q, Z0, n_context, d_out, loops, False, threads)
+  return readouts
+
+
+def _fused_fwd(P, Q, Z0, n_context, d_out, loops, remat, threads):
+  readouts, residuals = _forward(P, Q, Z0, n_context, d_out, loops, not remat, threads)
+  return readouts, (P, Q, Z0, residuals)
+
+
+def _fused_bwd(n_context, d_out, loops, remat, threads, saved, readout_cotangent):
+  P, Q, Z0, residuals = saved
+  return tuple(jax.ffi.ffi_call(
+      _TARGETS["backward"],
+      (jax.ShapeDtypeStruct(P.shape, jnp.float32), jax.ShapeDtypeStruct(Q.shape, jnp.float32),
+       jax.ShapeDtypeStruct(Z0.shape, jnp.float32)),
+      vmap_method="sequential",
+  )(P, Q, Z0, residuals, readout_cotangent.astype(jnp.float32),
+    **_attributes(n_context, d_out, loops, not remat, threads)))
+
+
+fused_readouts.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,388 @@
+// The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI).
+//
+// Same math as loopicl/model.py (reassociated form), per prompt and loop t:
+//
+//   C = Z[:, :n]                    context columns                     [D, n]
+//   G = C Cᵀ                        Z M Zᵀ (symmetric)                  [D, D]
+//   H = G Q                                                              [D, D]
+//   W = P H / n                                                          [D, D]
+//   Z ← Z + W Z                                                          [D, N]
+//   readout[t] = −Z[d:, n:]                                              [d_out, m]
+//
+// Why a kernel: XLA's CPU backend runs these per-prompt 21 × 41 products as batched dots at
+// 20–40 GFLOP/s plus a transpose/copy per product (docs/scaling.md).  Here the batch is the SIMD
+// lane: a block of L prompts is stored lane-minor ([D][N] vectors of L floats), so every product
+// is a dense loop of vector FMAs with no lane wasted whatever D and n are, blocks run in parallel
+// on XLA's intra-op thread pool, and the whole loop (all T steps) is one call.
+//
+// Determinism: the gradient of the shared (P, Q) is summed per block (lanes in order 0..L-1) into
+// its own slot, then over blocks in block order by the caller thread, so the result does not
+// depend on which thread ran which block.
+//
+// Residuals (forward → backward), per block and loop: Z_t [D][N], G_t, H_t, W_t [D][D], all as
+// L-lane vectors; `remat` recomputes them per block in the backward instead.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kTile = 4;  // 4 × 4 accumulators + 8 operands fit the 32 vector registers
+#else
+constexpr int kLanes = 8;
+constexpr int kTile = 3;  // 16 registers (AVX2 / NEON-sized): 3 × 3 accumulators + 6 operands
+#endif
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec splat(float x) { return vec{} + x; }
+
+// Operands of the small products: a matrix of lane vectors, or of scalars shared by all lanes,
+// addressed through (row, column) strides so that a transpose is only a swap of strides.
+struct V {
+  vec* p;
+  int64_t rs, cs;
+  vec& at(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+  vec get(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+};
+struct S {
+  const float* p;
+  int64_t rs, cs;
+  vec get(int64_t r, int64_t c) const { return splat(p[r * rs + c * cs]); }
+};
+
+// out(i, j) = [out(i, j) if accumulate] + Σ_k a(i, k) b(k, j) over one TI × TJ tile.
+template <int TI, int TJ, class A, class B>
+inline void Tile(const A& a, const B& b, const V& out, int64_t i0, int64_t j0, int64_t K,
+                 bool accumulate) {
+  vec acc[TI][TJ];
+  for (int x = 0; x < TI; ++x)
+    for (int y = 0; y < TJ; ++y) acc[x][y] = accumulate ? out.get(i0 + x, j0 + y) : vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec av[TI], bv[TJ];
+    for (int x = 0; x < TI; ++x) av[x] = a.get(i0 + x, k);
+    for (int y = 0; y < TJ; ++y) bv[y] = b.get(k, j0 + y);
+    for (int x = 0; x < TI; ++x)
+      for (int y = 0; y < TJ; ++y) acc[x][y] += av[x] * bv[y];
+  }
+  for (int x = 0; x < TI; ++x)
+    for (int y = 0; y < TJ; ++y) out.at(i0 + x, j0 + y) = acc[x][y];
+}
+
+template <int TI, class A, class B>
+inline void TileRow(const A& a, const B& b, const V& out, int64_t i0, int64_t j0, int64_t tj,
+                    int64_t K, bool accumulate) {
+  switch (tj) {
+    case 1: return Tile<TI, 1>(a, b, out, i0, j0, K, accumulate);
+    case 2: return Tile<TI, 2>(a, b, out, i0, j0, K, accumulate);
+    case 3: return Tile<TI, 3>(a, b, out, i0, j0, K, accumulate);
+    case 4: return Tile<TI, 4>(a, b, out, i0, j0, K, accumulate);
+  }
+}
+
+// out[I × J] (+)= a[I × K] · b[K × J]; with `lower`, only tiles on or below the diagonal
+// (for a symmetric result, mirrored by the caller).
+template <class A, class B>
+void MatMul(const A& a, const B& b, const V& out, int64_t I, int64_t J, int64_t K,
+            bool accumulate, bool lower = false) {
+  for (int64_t i0 = 0; i0 < I; i0 += kTile) {
+    const int64_t ti = std::min<int64_t>(kTile, I - i0);
+    const int64_t j_end = lower ? std::min(J, i0 + ti) : J;
+    for (int64_t j0 = 0; j0 < j_end; j0 += kTile) {
+      const int64_t tj = std::min<int64_t>(kTile, j_end - j0);
+      switch (ti) {
+        case 1: TileRow<1>(a, b, out, i0, j0, tj, K, accumulate); break;
+        case 2: TileRow<2>(a, b, out, i0, j0, tj, K, accumulate); break;
+        case 3: TileRow<3>(a, b, out, i0, j0, tj, K, accumulate); break;
+        case 4: TileRow<4>(a, b, out, i0, j0, tj, K, accumulate); break;
+      }
+    }
+  }
+}
+
+struct Shape {
+  int64_t batch, D, N, n, d_out, loops;
+  int64_t d() const { return D - d_out; }
+  int64_t m() const { return N - n; }
+  int64_t blocks() const { return (batch + kLanes - 1) / kLanes; }
+  int64_t state() const { return D * N; }                  // vectors in one Z
+  int64_t record() const { return D * N + 3 * D * D; }     // Z_t, G_t, H_t, W_t
+};
+
+struct AlignedVecs {
+  explicit AlignedVecs(int64_t count)
+      : p(static_cast<vec*>(std::aligned_alloc(64, std::max<int64_t>(1, count) * sizeof(vec)))) {}
+  ~AlignedVecs() { std::free(p); }
+  vec* p;
+};
+
+// Z0 [batch, D, N] (row-major) → one block [D][N] of lane vectors; lanes past the batch are 0.
+void Pack(const Shape& s, const float* Z0, int64_t block, vec* Z) {
+  const int64_t first = block * kLanes, lanes = std::min<int64_t>(kLanes, s.batch - first);
+  std::memset(static_cast<void*>(Z), 0, s.state() * sizeof(vec));
+  for (int64_t l = 0; l < lanes; ++l) {
+    const float* src = Z0 + (first + l) * s.state();
+    for (int64_t e = 0; e < s.state(); ++e) Z[e][l] = src[e];
+  }
+}
+
+// One forward loop: record = [Z_t | G | H | W] with Z_t already in place; writes Z_{t+1}.
+void LoopStep(const Shape& s, const float* P_over_n, const float* Q, vec* record, vec* Z_next) {
+  const int64_t D = s.D, N = s.N;
+  vec* Z = record;
+  vec* G = record + s.state();
+  vec* H = G + D * D;
+  vec* W = H + D * D;
+  MatMul(V{Z, N, 1}, V{Z, 1, N}, V{G, D, 1}, D, D, s.n, false, /*lower=*/true);  // C Cᵀ
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = 0; j < i; ++j) G[j * D + i] = G[i * D + j];
+  MatMul(V{G, D, 1}, S{Q, D, 1}, V{H, D, 1}, D, D, D, false);                     // G Q
+  MatMul(S{P_over_n, D, 1}, V{H, D, 1}, V{W, D, 1}, D, D, D, false);              // P H / n
+  std::memcpy(static_cast<void*>(Z_next), Z, s.state() * sizeof(vec));
+  MatMul(V{W, D, 1}, V{Z, N, 1}, V{Z_next, N, 1}, D, N, D, true);                 // Z + W Z
+}
+
+// Forward over all loops of one block: records[t] for t < loops, readouts written per lane.
+void ForwardBlock(const Shape& s, const float* P_over_n, const float* Q, const float* Z0,
+                  int64_t block, vec* records, vec* Z_last, float* readouts) {
+  Pack(s, Z0, block, records);
+  const int64_t first = block * kLanes, lanes = std::min<int64_t>(kLanes, s.batch - first);
+  const int64_t d = s.d(), m = s.m();
+  for (int64_t t = 0; t < s.loops; ++t) {
+    vec* record = records + t * s.record();
+    vec* Z_next = t + 1 < s.loops ? records + (t + 1) * s.record() : Z_last;
+    LoopStep(s, P_over_n, Q, record, Z_next);
+    if (readouts == nullptr) continue;
+    for (int64_t r = 0; r < s.d_out; ++r)
+      for (int64_t q = 0; q < m; ++q) {
+        const vec value = Z_next[(d + r) * s.N + s.n + q];
+        for (int64_t l = 0; l < lanes; ++l)
+          readouts[((t * s.batch + first + l) * s.d_out + r) * m + q] = -value[l];
+      }
+  }
+}
+
+// Backward over all loops of one block.  `ct`: readout cotangent [loops, batch, d_out, m].
+// Adds this block's dP, dQ (lane-summed) to dPQ[0: D²], dPQ[D²: 2D²]; writes dZ0 rows.
+void BackwardBlock(const Shape& s, const float* P_over_n, const float* Q, const vec* records,
+                   const float* ct, int64_t block, vec* scratch, float* dPQ, float* dZ0) {
+  const int64_t D = s.D, N = s.N, DD = D * D, d = s.d(), m = s.m();
+  const int64_t first = block * kLanes, lanes = std::min<int64_t>(kLanes, s.batch - first);
+  vec* dZ = scratch;               // cotangent of Z_{t+1}, then of Z_t
+  vec* dZ_prev = dZ + s.state();
+  vec* dW = dZ_prev + s.state();
+  vec* dH = dW + DD;
+  vec* dG = dH + DD;
+  vec* dP = dG + DD;               // Σ_t dW Hᵀ (times 1/n at the end)
+  vec* dQ = dP + DD;               // Σ_t G dH
+  std::memset(static_cast<void*>(dZ), 0, s.state() * sizeof(vec));
+  std::memset(static_cast<void*>(dP), 0, 2 * DD * sizeof(vec));
+  for (int64_t t = s.loops - 1; t >= 0; --t) {
+    const vec* Z = records + t * s.record();
+    const vec* G = Z + s.state();
+    const vec* H = G + DD;
+    const vec* W = H + DD;
+    for (int64_t r = 0; r < s.d_out; ++r)       // readout[t] = −Z_{t+1}[d:, n:]
+      for (int64_t q = 0; q < m; ++q) {
+        vec& target = dZ[(d + r) * N + s.n + q];
+        for (int64_t l = 0; l < lanes; ++l)
+          target[l] -= ct[((t * s.batch + first + l) * s.d_out + r) * m + q];
+      }
+    vec* Zm = const_cast<vec*>(Z);  // read-only below; V holds non-const pointers
+    MatMul(V{dZ, N, 1}, V{Zm, 1, N}, V{dW, D, 1}, D, D, N, false);              // dW = dZ Zᵀ
+    std::memcpy(static_cast<void*>(dZ_prev), dZ, s.state() * sizeof(vec));
+    MatMul(V{const_cast<vec*>(W), 1, D}, V{dZ, N, 1}, V{dZ_prev, N, 1}, D, N, D, true);  // + Wᵀ dZ
+    MatMul(S{P_over_n, 1, D}, V{dW, D, 1}, V{dH, D, 1}, D, D, D, false);        // dH = Pᵀ dW / n
+    MatMul(V{dW, D, 1}, V{const_cast<vec*>(H), 1, D}, V{dP, D, 1}, D, D, D, true);  // dP += dW Hᵀ
+    MatMul(V{dH, D, 1}, S{Q, 1, D}, V{dG, D, 1}, D, D, D, false);               // dG = dH Qᵀ
+    MatMul(V{const_cast<vec*>(G), D, 1}, V{dH, D, 1}, V{dQ, D, 1}, D, D, D, true);  // dQ += G dH
+    for (int64_t i = 0; i < D; ++i)                                              // dG + dGᵀ
+      for (int64_t j = 0; j <= i; ++j) {
+        const vec sym = dG[i * D + j] + dG[j * D + i];
+        dG[i * D + j] = sym;
+        dG[j * D + i] = sym;
+      }
+    MatMul(V{dG, D, 1}, V{Zm, N, 1}, V{dZ_prev, N, 1}, D, s.n, D, true);        // dC += (dG+dGᵀ) C
+    std::swap(dZ, dZ_prev);
+  }
+  const float inv_n = 1.0f / static_cast<float>(s.n);
+  for (int64_t e = 0; e < DD; ++e) {
+    float p = 0.0f, q = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) {  // padded lanes are exactly 0
+      p += dP[e][l];
+      q += dQ[e][l];
+    }
+    dPQ[e] = p * inv_n;
+    dPQ[DD + e] = q;
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    float* dst = dZ0 + (first + l) * s.state();
+    for (int64_t e = 0; e < s.state(); ++e) dst[e] = dZ[e][l];
+  }
+}
+
+// Runs body(block, worker) for every block, on the caller and on up to workers − 1 pool threads.
+// The caller never waits for a pool task that has not started (the pool may be busy with other
+// work, possibly another call like this one): a task that starts after the caller has finished
+// finds the call closed and returns without touching it.
+struct Join {
+  std::mutex mutex;
+  std::condition_variable done;
+  int64_t active = 0;
+  bool closed = false;
+};
+
+template <class Body>
+void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, int64_t workers, Body body) {
+  workers = std::max<int64_t>(1, std::min(blocks, workers));
+  std::atomic<int64_t> next{0};
+  auto work = [&](int64_t worker) {
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) body(b, worker);
+  };
+  auto join = std::make_shared<Join>();
+  std::function<void(int64_t)> run = work;
+  for (int64_t w = 1; w < workers; ++w)
+    pool.Schedule([join, &run, w] {
+      {
+        std::lock_guard<std::mutex> lock(join->mutex);
+        if (join->closed) return;
+        ++join->active;
+      }
+      run(w);
+      std::lock_guard<std::mutex> lock(join->mutex);
+      if (--join->active == 0) join->done.notify_all();
+    });
+  work(0);
+  std::unique_lock<std::mutex> lock(join->mutex);
+  join->closed = true;
+  join->done.wait(lock, [&] { return join->active == 0; });
+}
+
+ffi::Error CheckShapes(const Shape& s, int64_t P0, int64_t P1) {
+  if (P0 != s.D || P1 != s.D) return ffi::Error::InvalidArgument("P, Q must be [D, D]");
+  if (s.n < 1 || s.n > s.N || s.d_out < 1 || s.d_out > s.D || s.loops < 1)
+    return ffi::Error::InvalidArgument("bad n_context / d_out / loops");
+  return ffi::Error::Success();
+}
+
+Shape ShapeOf(ffi::Buffer<ffi::F32> Z0, int64_t n_context, int64_t d_out, int64_t loops) {
+  auto dims = Z0.dimensions();
+  return Shape{dims[0], dims[1], dims[2], n_context, d_out, loops};
+}
+
+std::vector<float> Scaled(const float* P, int64_t count, float scale) {
+  std::vector<float> out(P, P + count);
+  for (float& x : out) x *= scale;
+  return out;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Q,
+                   ffi::Buffer<ffi::F32> Z0, int64_t n_context, int64_t d_out, int64_t loops,
+                   bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> readouts,
+                   ffi::ResultBuffer<ffi::F32> residuals) {
+  const Shape s = ShapeOf(Z0, n_context, d_out, loops);
+  if (auto e = CheckShapes(s, P.dimensions()[0], P.dimensions()[1]); e.failure()) return e;
+  const auto P_over_n = Scaled(P.typed_data(), s.D * s.D, 1.0f / static_cast<float>(s.n));
+  const int64_t per_block = s.loops * s.record();
+  if (store && static_cast<int64_t>(residuals->element_count()) != s.blocks() * per_block * kLanes)
+    return ffi::Error::InvalidArgument("residual buffer has the wrong size");
+  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
+  std::vector<std::unique_ptr<AlignedVecs>> scratch(workers);
+  vec* stored = reinterpret_cast<vec*>(residuals->typed_data());
+  ParallelBlocks(pool, s.blocks(), workers, [&](int64_t b, int64_t w) {
+    if (!scratch[w]) scratch[w] = std::make_unique<AlignedVecs>((store ? 1 : per_block) + s.state());
+    vec* records = store ? stored + b * per_block : scratch[w]->p;
+    vec* Z_last = store ? scratch[w]->p : scratch[w]->p + per_block;
+    ForwardBlock(s, P_over_n.data(), Q.typed_data(), Z0.typed_data(), b, records, Z_last,
+                 readouts->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Q,
+                    ffi::Buffer<ffi::F32> Z0, ffi::Buffer<ffi::F32> residuals,
+                    ffi::Buffer<ffi::F32> ct, int64_t n_context, int64_t d_out, int64_t loops,
+                    bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> dP,
+                    ffi::ResultBuffer<ffi::F32> dQ, ffi::ResultBuffer<ffi::F32> dZ0) {
+  const Shape s = ShapeOf(Z0, n_context, d_out, loops);
+  if (auto e = CheckShapes(s, P.dimensions()[0], P.dimensions()[1]); e.failure()) return e;
+  const int64_t DD = s.D * s.D, per_block = s.loops * s.record();
+  const auto P_over_n = Scaled(P.typed_data(), DD, 1.0f / static_cast<float>(s.n));
+  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
+  std::vector<std::unique_ptr<AlignedVecs>> scratch(workers);
+  std::vector<float> partial(s.blocks() * 2 * DD);
+  const int64_t backward_scratch = 2 * s.state() + 5 * DD;
+  const vec* stored = reinterpret_cast<const vec*>(residuals.typed_data());
+  ParallelBlocks(pool, s.blocks(), workers, [&](int64_t b, int64_t w) {
+    if (!scratch[w])
+      scratch[w] = std::make_unique<AlignedVecs>(backward_scratch + (store ? 0 : per_block + s.state()));
+    vec* base = scratch[w]->p;
+    const vec* records = stored + b * per_block;
+    if (!store) {  // remat: recompute this block's forward records
+      vec* recomputed = base + backward_scratch;
+      ForwardBlock(s, P_over_n.data(), Q.typed_data(), Z0.typed_data(), b, recomputed,
+                   recomputed + per_block, nullptr);
+      records = recomputed;
+    }
+    BackwardBlock(s, P_over_n.data(), Q.typed_data(), records, ct.typed_data(), b, base,
+                  partial.data() + b * 2 * DD, dZ0->typed_data());
+  });
+  float* out_P = dP->typed_data();
+  float* out_Q = dQ->typed_data();
+  std::fill(out_P, out_P + DD, 0.0f);
+  std::fill(out_Q, out_Q + DD, 0.0f);
+  for (int64_t b = 0; b < s.blocks(); ++b)  // block order: the same sum whatever thread ran what
+    for (int64_t e = 0; e < DD; ++e) {
+      out_P[e] += partial[b * 2 * DD + e];
+      out_Q[e] += partial[b * 2 * DD + DD + e];
+    }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int64_t loopicl_lanes() { return kLanes; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // P
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // Q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // Z0
+                                  .Attr<int64_t>("n_context")
+                                  .Attr<int64_t>("d_out")
+                                  .Attr<int64_t>("loops")
+                                  .Attr<bool>("store")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // readouts
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // residuals
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // P
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // Q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // Z0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // residuals
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // readout cotangent
+                                  .Attr<int64_t>("n_context")
+                                  .Attr<int64_t>("d_out")
+                                  .Attr<int64_t>("loops")
+                                  .Attr<bool>("store")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dP
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dQ
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dZ0
