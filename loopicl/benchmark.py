@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import distributed, objectives, tasks, train
+from loopicl import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_SIZE = 2048
@@ -73,11 +74,19 @@ def step_flops(config, form: str | None = None) -> int:
 
 # -- building the real step -----------------------------------------------------------------------
 
-def _with_form(config, form: str | None):
-  """A copy of `config` whose model uses `form` (objectives.create_model reads model.form)."""
+def _with_form(config, form: str | None, kernel: str | None = None):
+  """A copy of `config` whose model uses `form` (and `kernel`, if given)."""
   config = config.copy_and_resolve_references()
   config.model.form = form or config.model.get("form", "reassociated")
+  if kernel is not None:
+    config.model.kernel = kernel
   return config
+
+
+def resolved_kernel(config, form: str | None = None) -> str:
+  """The kernel the model of `config` (with `form`) runs: "xla" or "cpu" (model.resolve_kernel)."""
+  config = _with_form(config, form)
+  return model_lib.resolve_kernel(config.model.get("kernel", "xla"), config.model.form)
 
 
 def _check_task(config) -> None:
@@ -86,10 +95,10 @@ def _check_task(config) -> None:
                      f"{' | '.join(tasks.TASK_KINDS)}")
 
 
-def build(config, form: str | None = None):
+def build(config, form: str | None = None, kernel: str | None = None):
   """(chunk, state, objective, graphdef, tx) for `config`, exactly as train_and_evaluate runs it."""
   _check_task(config)
-  config = _with_form(config, form)
+  config = _with_form(config, form, kernel)
   objective = objectives.make_objective(config)
   tx = train.make_optimizer(config.train)
   graphdef, state = train._init_state(objective, config, tx)
@@ -101,7 +110,7 @@ def build(config, form: str | None = None):
 
 def xla_step_flops(config, form: str | None = None) -> float:
   """XLA's cost-analysis FLOPs of one unsharded step, loops unrolled (so each one is counted)."""
-  config = _with_form(config, form)
+  config = _with_form(config, form, kernel="xla")  # XLA cannot count inside a foreign call
   config.model.unroll = int(config.model.loops)
   _check_task(config)
   objective = objectives.make_objective(config)
@@ -136,7 +145,8 @@ def _matmul():
   return run
 
 
-def time_steps(config, *, repeats: int, form: str | None = None, peak: bool = True) -> dict:
+def time_steps(config, *, repeats: int, form: str | None = None, peak: bool = True,
+               kernel: str | None = None) -> dict:
   """Times `repeats` chunks of train.steps_per_call steps (after one compiling call).
 
   With `peak`, a 2048² matmul is timed after every chunk (same load for both).  Besides wall
@@ -144,7 +154,7 @@ def time_steps(config, *, repeats: int, form: str | None = None, peak: bool = Tr
   CPU-second of the step against those of the matmul (`cpu_peak_fraction`) says how well each core
   is used whatever the load; on a quiet machine whose cores all work it approaches peak_fraction.
   """
-  chunk, state, *_ = build(config, form)
+  chunk, state, *_ = build(config, form, kernel)
   length = int(config.train.steps_per_call)
   t0 = time.perf_counter()
   state, bad, _ = chunk(state, jnp.int32(0), length)
@@ -186,12 +196,16 @@ def describe(config) -> dict:
   return {"task": t.kind, "d": int(t.d), "d_out": int(t.d_out), "n": int(t.n_context),
           "m": tasks.num_queries(t), "loops": int(m.loops), "batch": int(config.train.batch_size),
           "optimizer": config.train.optimizer, "steps_per_call": int(config.train.steps_per_call),
-          "unroll": int(m.unroll), "remat": bool(m.remat), "form": m.get("form", "reassociated")}
+          "unroll": int(m.unroll), "remat": bool(m.remat), "form": m.get("form", "reassociated"),
+          "kernel": m.get("kernel", "xla")}
 
 
 def throughput(config, *, repeats: int = 5, naive: bool = True, peak: bool = True,
-               xla_flops: bool = True) -> dict:
-  """The headline numbers: steps/s, FLOP/s and the fraction of the matmul peak, both forms."""
+               xla_flops: bool = True, compare_xla: bool = True) -> dict:
+  """The headline numbers: steps/s, FLOP/s and the fraction of the matmul peak, both forms.
+
+  With `compare_xla` and the fused CPU kernel in use, the same step on the plain XLA path too.
+  """
   batch = int(config.train.batch_size)
   form = config.model.get("form", "reassociated")
   result = {"config": describe(config), "devices": jax.device_count(),
@@ -201,6 +215,7 @@ def throughput(config, *, repeats: int = 5, naive: bool = True, peak: bool = Tru
   flops = step_flops(config, form)
   result.update({
       "form": form,
+      "kernel": resolved_kernel(config, form),
       "steps_per_s": 1 / main["seconds_per_step"],
       "steps_per_s_median": 1 / main["seconds_per_step_median"],
       "examples_per_s": batch / main["seconds_per_step"],
@@ -216,9 +231,17 @@ def throughput(config, *, repeats: int = 5, naive: bool = True, peak: bool = Tru
                                    / main["matmul_flops_per_cpu_s"])
   if xla_flops:
     result["xla_flops_per_step"] = xla_step_flops(config, form)
+  if compare_xla and result["kernel"] != "xla":
+    plain = time_steps(config, repeats=max(1, repeats // 2), form=form, peak=False, kernel="xla")
+    result["xla_kernel_steps_per_s"] = 1 / plain["seconds_per_step"]
+    result["xla_kernel_achieved_flops_per_s"] = flops / plain["seconds_per_step"]
+    if peak:
+      result["xla_kernel_peak_fraction"] = (result["xla_kernel_achieved_flops_per_s"]
+                                            / result["matmul_peak_flops_per_s"])
   if naive:
     other = "textbook" if form == "reassociated" else "reassociated"
-    slow = time_steps(config, repeats=max(1, repeats // 2), form=other, peak=False)
+    slow = time_steps(config, repeats=max(1, repeats // 2), form=other, peak=False,
+                      kernel="xla" if other == "textbook" else None)
     naive_flops = step_flops(config, other)
     result.update({
         "naive_form": other,
@@ -270,7 +293,8 @@ def n_scaling(config, ns, *, batch: int, repeats: int = 2, steps_per_call: int =
       if form == "textbook" and textbook_bytes(c) > textbook_max_bytes:
         row["textbook_skipped_bytes"] = textbook_bytes(c)
         continue
-      r = time_steps(c, repeats=repeats, form=form, peak=False)
+      r = time_steps(c, repeats=repeats, form=form, peak=False,
+                     kernel="xla" if form == "textbook" else None)
       row[f"{form}_seconds_per_step"] = r["seconds_per_step"]
       row[f"{form}_flops_per_step"] = step_flops(c, form)
     rows.append(row)
@@ -355,25 +379,32 @@ def format_report(r: dict) -> str:
   lines = [
       f"loopicl benchmark: {c['task']} d={c['d']} d_out={c['d_out']} n={c['n']} m={c['m']} "
       f"T={c['loops']} batch={c['batch']} {c['optimizer']}, unroll={c['unroll']} "
-      f"remat={c['remat']}, {c['steps_per_call']} steps/call",
+      f"remat={c['remat']}, {c['steps_per_call']} steps/call, kernel={c.get('kernel', 'xla')}",
       f"{r['devices']} {r['platform']} device(s), {r['cpu_count']} cores, jax {r['jax']}; load "
       f"average {r['load_avg_before'][0]:.2f} before, {r['load_avg_after'][0]:.2f} after",
       "",
-      f"{'form':<14}{'steps/s':>10}{'(median)':>10}{'examples/s':>12}{'GFLOP/step':>12}"
+      f"{'form/kernel':<20}{'steps/s':>10}{'(median)':>10}{'examples/s':>12}{'GFLOP/step':>12}"
       f"{'GFLOP/s':>10}{'of peak':>9}",
   ]
   peak = r.get("matmul_peak_flops_per_s")
-  lines.append(f"{r['form']:<14}{r['steps_per_s']:>10.2f}{r['steps_per_s_median']:>10.2f}"
+  main_label = f"{r['form']}/{r.get('kernel', 'xla')}"
+  lines.append(f"{main_label:<20}{r['steps_per_s']:>10.2f}{r['steps_per_s_median']:>10.2f}"
                f"{r['examples_per_s']:>12.0f}{r['flops_per_step'] / 1e9:>12.4f}"
                f"{r['achieved_flops_per_s'] / 1e9:>10.2f}"
                f"{_g(r.get('peak_fraction'), fmt='{:.1%}'):>9}")
+  if "xla_kernel_steps_per_s" in r:
+    lines.append(f"{r['form'] + '/xla':<20}{r['xla_kernel_steps_per_s']:>10.2f}{'':>10}"
+                 f"{r['config']['batch'] * r['xla_kernel_steps_per_s']:>12.0f}"
+                 f"{r['flops_per_step'] / 1e9:>12.4f}"
+                 f"{r['xla_kernel_achieved_flops_per_s'] / 1e9:>10.2f}"
+                 f"{_g(r.get('xla_kernel_peak_fraction'), fmt='{:.1%}'):>9}")
   if "naive_steps_per_s" in r:
-    lines.append(f"{r['naive_form']:<14}{r['naive_steps_per_s']:>10.2f}{'':>10}"
+    lines.append(f"{r['naive_form'] + '/xla':<20}{r['naive_steps_per_s']:>10.2f}{'':>10}"
                  f"{r['naive_examples_per_s']:>12.0f}{r['naive_flops_per_step'] / 1e9:>12.4f}"
                  f"{r['naive_achieved_flops_per_s'] / 1e9:>10.2f}"
                  f"{_g(r.get('naive_peak_fraction'), fmt='{:.1%}'):>9}")
   if peak:
-    lines.append(f"{'matmul 2048²':<14}{'':>10}{'':>10}{'':>12}{2 * PEAK_SIZE ** 3 / 1e9:>12.4f}"
+    lines.append(f"{'matmul 2048²':<20}{'':>10}{'':>10}{'':>12}{2 * PEAK_SIZE ** 3 / 1e9:>12.4f}"
                  f"{peak / 1e9:>10.2f}{'100%':>9}")
   if "cpu_peak_fraction" in r:
     lines.append(f"(per CPU-second, whatever the load: the step does "

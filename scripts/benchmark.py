@@ -23,6 +23,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.DEFINE_bool("json", False, "Print every number as one JSON object on the last line.")
 flags.DEFINE_integer("repeats", 5, "Timed chunks (of train.steps_per_call steps) per measurement.")
 flags.DEFINE_bool("naive", True, "Also time the other attention form (textbook, O(n²·D)).")
+flags.DEFINE_bool("compare_xla", True, "With the fused CPU kernel in use, also time the plain XLA step.")
 flags.DEFINE_bool("peak", True, "Time a 2048² float32 matmul for the peak fraction.")
 flags.DEFINE_bool("xla_flops", True, "Also report XLA's cost-analysis FLOPs of one step.")
 flags.DEFINE_bool("n_scaling", False, "Time per step against n, both forms.")
@@ -72,7 +73,8 @@ def main(argv):
   say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if FLAGS.json else print
   try:
     result = benchmark.throughput(config, repeats=FLAGS.repeats, naive=FLAGS.naive,
-                                  peak=FLAGS.peak, xla_flops=FLAGS.xla_flops)
+                                  peak=FLAGS.peak, xla_flops=FLAGS.xla_flops,
+                                  compare_xla=FLAGS.compare_xla)
     base_flags = _config_flags(sys.argv[1:])
     if FLAGS.n_scaling:
       say("n scaling …")

@@ -207,6 +207,9 @@ def test_benchmark_json_contract():
   assert result["examples_per_s"] == pytest.approx(16 * result["steps_per_s"])
   assert result["flops_per_step"] == benchmark.step_flops(tiny_config())
   assert "steps/s" in out.stdout and "textbook" in out.stdout  # the table came first
+  # One CPU device: "auto" runs the fused kernel, and the plain XLA step is timed beside it.
+  assert result["kernel"] == "cpu" and result["xla_kernel_steps_per_s"] > 0
+  assert "reassociated/cpu" in out.stdout and "reassociated/xla" in out.stdout
 
 
 def test_benchmark_refuses_bad_flags_in_one_line():
