@@ -215,3 +215,26 @@ def test_cpu_kernel_on_several_devices_is_refused_in_one_line(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: model.kernel='cpu' runs on one device") and "kernel='xla'" in last
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 ISA levels")
+def test_the_avx2_build_computes_the_same(tmp_path):
+  """A machine without AVX-512 gets 8 lanes and 3 × 3 tiles: build that variant here and check it."""
+  result = _run("""
+      import json, numpy as np, jax, jax.numpy as jnp
+      from loopicl import kernels, model
+      P, Q, Z0 = (jax.random.normal(k, s, jnp.float32) * c for k, s, c in zip(
+          jax.random.split(jax.random.key(1), 3), [(7, 7), (7, 7), (21, 7, 12)], [0.1, 0.1, 1.0]))
+      w = jax.random.normal(jax.random.key(2), (4, 21, 2, 2))
+      fused = lambda P, Q, Z: jnp.sum(w * kernels.fused_readouts(P, Q, Z, 10, 2, 4, False, 0))
+      plain = lambda P, Q, Z: jnp.sum(w * model.loop_readouts(P, Q, Z, loops=4, d_out=2, n_queries=2))
+      a = jax.value_and_grad(fused, argnums=(0, 1, 2))(P, Q, Z0)
+      b = jax.value_and_grad(plain, argnums=(0, 1, 2))(P, Q, Z0)
+      err = max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))) for x, y in
+                zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+      print(json.dumps({"lanes": kernels.lanes(), "err": err}))
+      """, LOOPICL_KERNEL_FLAGS="-march=x86-64-v3", LOOPICL_KERNEL_CACHE=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  import json
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["lanes"] == 8 and out["err"] < 1e-5

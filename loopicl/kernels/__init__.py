@@ -10,6 +10,9 @@ Cache: $LOOPICL_KERNEL_CACHE, else ~/.cache/loopicl/kernels; one .so per (source
 flags, JAX headers, CPU features) hash, written to a temporary name and renamed into place, so
 concurrent first uses in several processes are safe and a failed build leaves nothing behind.
 
+$LOOPICL_KERNEL_FLAGS adds compiler flags after the defaults (e.g. `-march=x86-64-v3` to build
+for AVX2 machines on an AVX-512 one; tests/test_kernel.py checks that build too).
+
 Limits: float32; CPU devices; vmap runs the kernel once per mapped element ("sequential").
 """
 from __future__ import annotations
@@ -57,15 +60,28 @@ def _cpu_features() -> str:
   return platform.processor() + platform.machine()
 
 
+def _flags() -> tuple[str, ...]:
+  return FLAGS + tuple(os.environ.get("LOOPICL_KERNEL_FLAGS", "").split())
+
+
 def library_path() -> str:
   """Builds the kernel library if this machine has no cached build of this source; its path."""
+  try:
+    return _build()
+  except OSError as e:  # an unwritable cache, a compiler that cannot start
+    raise KernelUnavailable(f"model.kernel='cpu': cannot build the kernel ({e}); allowed: a "
+                            "writable $LOOPICL_KERNEL_CACHE, or model.kernel='xla'") from None
+
+
+def _build() -> str:
   compiler = _compiler()
+  flags = _flags()
   include = jax.ffi.include_dir()
   with open(SOURCE, "rb") as f:
     source = f.read()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
-      source, compiler, version, " ".join(FLAGS), include, jax.__version__, _cpu_features()))).hexdigest()
+      source, compiler, version, " ".join(flags), include, jax.__version__, _cpu_features()))).hexdigest()
   cache = os.environ.get("LOOPICL_KERNEL_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "loopicl", "kernels")
   path = os.path.join(cache, f"looped_attention-{key[:20]}.so")
@@ -75,7 +91,7 @@ def library_path() -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
   os.close(fd)
   try:
-    result = subprocess.run([compiler, *FLAGS, f"-I{include}", SOURCE, "-o", tmp],
+    result = subprocess.run([compiler, *flags, f"-I{include}", SOURCE, "-o", tmp],
                             capture_output=True, text=True)
     if result.returncode != 0:
       first = (result.stderr.strip().splitlines() or ["no output"])[0]
