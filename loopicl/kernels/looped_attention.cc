@@ -50,8 +50,14 @@ typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline vec splat(float x) { return vec{} + x; }
 
-// Operands of the small products: a matrix of lane vectors, or of scalars shared by all lanes,
-// addressed through (row, column) strides so that a transpose is only a swap of strides.
+// Operands of the small products: a matrix of lane vectors (R: read, V: written), or of scalars
+// shared by all lanes (S), addressed through (row, column) strides so that a transpose is only a
+// swap of strides.
+struct R {
+  const vec* p;
+  int64_t rs, cs;
+  vec get(int64_t r, int64_t c) const { return p[r * rs + c * cs]; }
+};
 struct V {
   vec* p;
   int64_t rs, cs;
@@ -146,13 +152,13 @@ void LoopStep(const Shape& s, const float* P_over_n, const float* Q, vec* record
   vec* G = record + s.state();
   vec* H = G + D * D;
   vec* W = H + D * D;
-  MatMul(V{Z, N, 1}, V{Z, 1, N}, V{G, D, 1}, D, D, s.n, false, /*lower=*/true);  // C Cᵀ
+  MatMul(R{Z, N, 1}, R{Z, 1, N}, V{G, D, 1}, D, D, s.n, false, /*lower=*/true);  // C Cᵀ
   for (int64_t i = 0; i < D; ++i)
     for (int64_t j = 0; j < i; ++j) G[j * D + i] = G[i * D + j];
-  MatMul(V{G, D, 1}, S{Q, D, 1}, V{H, D, 1}, D, D, D, false);                     // G Q
-  MatMul(S{P_over_n, D, 1}, V{H, D, 1}, V{W, D, 1}, D, D, D, false);              // P H / n
+  MatMul(R{G, D, 1}, S{Q, D, 1}, V{H, D, 1}, D, D, D, false);                     // G Q
+  MatMul(S{P_over_n, D, 1}, R{H, D, 1}, V{W, D, 1}, D, D, D, false);              // P H / n
   std::memcpy(static_cast<void*>(Z_next), Z, s.state() * sizeof(vec));
-  MatMul(V{W, D, 1}, V{Z, N, 1}, V{Z_next, N, 1}, D, N, D, true);                 // Z + W Z
+  MatMul(R{W, D, 1}, R{Z, N, 1}, V{Z_next, N, 1}, D, N, D, true);                 // Z + W Z
 }
 
 // Forward over all loops of one block: records[t] for t < loops, readouts written per lane.
@@ -201,21 +207,20 @@ void BackwardBlock(const Shape& s, const float* P_over_n, const float* Q, const 
         for (int64_t l = 0; l < lanes; ++l)
           target[l] -= ct[((t * s.batch + first + l) * s.d_out + r) * m + q];
       }
-    vec* Zm = const_cast<vec*>(Z);  // read-only below; V holds non-const pointers
-    MatMul(V{dZ, N, 1}, V{Zm, 1, N}, V{dW, D, 1}, D, D, N, false);              // dW = dZ Zᵀ
+    MatMul(R{dZ, N, 1}, R{Z, 1, N}, V{dW, D, 1}, D, D, N, false);               // dW = dZ Zᵀ
     std::memcpy(static_cast<void*>(dZ_prev), dZ, s.state() * sizeof(vec));
-    MatMul(V{const_cast<vec*>(W), 1, D}, V{dZ, N, 1}, V{dZ_prev, N, 1}, D, N, D, true);  // + Wᵀ dZ
-    MatMul(S{P_over_n, 1, D}, V{dW, D, 1}, V{dH, D, 1}, D, D, D, false);        // dH = Pᵀ dW / n
-    MatMul(V{dW, D, 1}, V{const_cast<vec*>(H), 1, D}, V{dP, D, 1}, D, D, D, true);  // dP += dW Hᵀ
-    MatMul(V{dH, D, 1}, S{Q, 1, D}, V{dG, D, 1}, D, D, D, false);               // dG = dH Qᵀ
-    MatMul(V{const_cast<vec*>(G), D, 1}, V{dH, D, 1}, V{dQ, D, 1}, D, D, D, true);  // dQ += G dH
+    MatMul(R{W, 1, D}, R{dZ, N, 1}, V{dZ_prev, N, 1}, D, N, D, true);           // + Wᵀ dZ
+    MatMul(S{P_over_n, 1, D}, R{dW, D, 1}, V{dH, D, 1}, D, D, D, false);        // dH = Pᵀ dW / n
+    MatMul(R{dW, D, 1}, R{H, 1, D}, V{dP, D, 1}, D, D, D, true);                // dP += dW Hᵀ
+    MatMul(R{dH, D, 1}, S{Q, 1, D}, V{dG, D, 1}, D, D, D, false);               // dG = dH Qᵀ
+    MatMul(R{G, D, 1}, R{dH, D, 1}, V{dQ, D, 1}, D, D, D, true);                // dQ += G dH
     for (int64_t i = 0; i < D; ++i)                                              // dG + dGᵀ
       for (int64_t j = 0; j <= i; ++j) {
         const vec sym = dG[i * D + j] + dG[j * D + i];
         dG[i * D + j] = sym;
         dG[j * D + i] = sym;
       }
-    MatMul(V{dG, D, 1}, V{Zm, N, 1}, V{dZ_prev, N, 1}, D, s.n, D, true);        // dC += (dG+dGᵀ) C
+    MatMul(R{dG, D, 1}, R{Z, N, 1}, V{dZ_prev, N, 1}, D, s.n, D, true);         // dC += (dG+dGᵀ) C
     std::swap(dZ, dZ_prev);
   }
   const float inv_n = 1.0f / static_cast<float>(s.n);
