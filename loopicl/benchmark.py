@@ -3,7 +3,10 @@
 The unit is the whole optimizer step as `train.py` runs it — sampling the batch on device, the
 looped forward pass, the gradient, clipping and Adam — timed through `train.make_train_chunk`
 (`train.steps_per_call` steps per jitted call, state donated, the batch split over the devices
-when there are several), so a number here is a number of the real training loop.
+when there are several), so a number here is a number of the real training loop.  Rows are
+named form/kernel: the config's kernel as `model.resolve_kernel` resolves it ("cpu": the fused
+C++ loop of loopicl/kernels; "xla": plain JAX), and, when that is "cpu", the plain XLA step
+timed beside it; the textbook form always runs on XLA.
 
 FLOPs.  `step_flops` counts the model's matrix products analytically.  Per loop and prompt, with
 D = d + d_out rows, n context and m query columns (c = n + m):
@@ -357,13 +360,13 @@ def fake_devices(base_flags: list[str], counts, *, repeats: int = 5, log=print) 
     flags = [f for f in base_flags if not f.startswith("--config.cpu_devices=")]
     child = _child(flags + ["--config.cpu_devices=0", "--naive=false", "--xla_flops=false",
                             f"--repeats={repeats}"], env)
-    row = {k2: child.get(k2) for k2 in ("devices", "steps_per_s", "steps_per_s_median",
+    row = {k2: child.get(k2) for k2 in ("devices", "kernel", "steps_per_s", "steps_per_s_median",
                                         "examples_per_s", "achieved_flops_per_s",
                                         "matmul_peak_flops_per_s", "peak_fraction",
                                         "cpu_seconds_per_step", "cpu_peak_fraction",
                                         "load_avg_before")}
     rows.append(row)
-    log(f"  {k} device(s): {row['steps_per_s']:.1f} steps/s, peak fraction "
+    log(f"  {k} device(s), kernel {row['kernel']}: {row['steps_per_s']:.1f} steps/s, peak fraction "
         f"{row['peak_fraction']:.3f}")
   return rows
 
@@ -434,10 +437,10 @@ def format_report(r: dict) -> str:
                    f"{row['max_rss_bytes'] / 2**20:>14.0f}{row['steps_per_s']:>10.2f}")
   if r.get("fake_devices"):
     lines += ["", "host devices (XLA_FLAGS=--xla_force_host_platform_device_count=k)",
-              f"{'k':>3}{'steps/s':>10}{'(median)':>10}{'GFLOP/s':>10}{'of peak':>9}"
+              f"{'k':>3}{'kernel':>7}{'steps/s':>10}{'(median)':>10}{'GFLOP/s':>10}{'of peak':>9}"
               f"{'CPU-ms/step':>13}{'per CPU-s':>11}{'load':>7}"]
     for row in r["fake_devices"]:
-      lines.append(f"{row['devices']:>3}{row['steps_per_s']:>10.2f}"
+      lines.append(f"{row['devices']:>3}{str(row.get('kernel')):>7}{row['steps_per_s']:>10.2f}"
                    f"{row['steps_per_s_median']:>10.2f}"
                    f"{row['achieved_flops_per_s'] / 1e9:>10.2f}"
                    f"{_g(row.get('peak_fraction'), fmt='{:.1%}'):>9}"

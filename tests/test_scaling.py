@@ -261,3 +261,5 @@ def test_benchmark_modes(tmp_path):
   no_remat, remat = result["remat_memory"]
   assert remat["temp_bytes"] < no_remat["temp_bytes"]
   assert [r["devices"] for r in result["fake_devices"]] == [1, 2]
+  # "auto": the fused kernel on one device, the data-parallel XLA path on two.
+  assert [r["kernel"] for r in result["fake_devices"]] == ["cpu", "xla"]
