@@ -12,7 +12,9 @@ same number of devices.
 Host CPUs.  XLA's CPU backend is one device, and it runs this model's small batched matmuls on
 one core.  `config.cpu_devices = k` splits the host into k devices (`jax_num_cpu_devices`, which
 must be set before JAX starts a backend: `maybe_initialize` does it first thing) so the batch is
-spread over k cores by the same data-parallel path as on k GPUs.
+spread over k cores by the same data-parallel path as on k GPUs.  (With the fused CPU kernel,
+`model.kernel = "auto" | "cpu"`, one device already spreads the batch over every core, and is
+faster: docs/scaling.md.  "auto" takes the XLA path whenever there are several devices.)
 
 One program in flight.  XLA's in-process CPU collectives wait at most 60 s at an all-reduce
 rendezvous and then abort the process.  When the host enqueues many sharded programs without
