@@ -238,3 +238,11 @@ def test_the_avx2_build_computes_the_same(tmp_path):
   import json
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out["lanes"] == 8 and out["err"] < 1e-5
+
+
+def test_config_fields_reach_the_model():
+  from flax import nnx
+  for kernel, threads in (("cpu", 1), ("xla", 0), ("auto", 3)):
+    cfg = _config(**{"model.kernel": kernel, "model.kernel_threads": threads})
+    built = objectives.make_objective(cfg).create_model(nnx.Rngs(0))
+    assert built.kernel == ("xla" if kernel == "xla" else "cpu") and built.threads == threads
