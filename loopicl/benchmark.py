@@ -88,8 +88,8 @@ def _with_form(config, form: str | None, kernel: str | None = None):
 
 def resolved_kernel(config, form: str | None = None) -> str:
   """The kernel the model of `config` (with `form`) runs: "xla" or "cpu" (model.resolve_kernel)."""
-  config = _with_form(config, form)
-  return model_lib.resolve_kernel(config.model.get("kernel", "xla"), config.model.form)
+  return model_lib.resolve_kernel(config.model.get("kernel", "xla"),
+                                  form or config.model.get("form", "reassociated"))
 
 
 def _check_task(config) -> None:

@@ -161,8 +161,8 @@ def test_cpu_kernel_refuses_what_it_does_not_compute():
     model.resolve_kernel("cpu", dtype=jnp.float64)
 
 
-def _run(code: str, **env):
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+def _run(code: str, *argv: str, **env):
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *argv], capture_output=True,
                         text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
 
 
@@ -199,8 +199,7 @@ def test_unrolled_threefry_draws_the_same_bits_as_plain_jax():
       """
   outs = []
   for mode in ("plain", "loopicl"):
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), mode], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = _run(code, mode)
     assert r.returncode == 0, r.stderr
     outs.append(r.stdout.strip())
   assert len(outs[0]) == 64 and outs[0] == outs[1]

@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -276,38 +277,43 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, int64_t workers, Body
   join->done.wait(lock, [&] { return join->active == 0; });
 }
 
-ffi::Error CheckShapes(const Shape& s, int64_t P0, int64_t P1) {
-  if (P0 != s.D || P1 != s.D) return ffi::Error::InvalidArgument("P, Q must be [D, D]");
+// What both handlers start from: the shape (checked), P / n, and how many workers to use.
+struct Call {
+  Shape s;
+  std::vector<float> P_over_n;
+  int64_t workers;
+};
+
+ffi::Error Prepare(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Z0,
+                   int64_t n_context, int64_t d_out, int64_t loops, int64_t threads, Call& call) {
+  auto dims = Z0.dimensions();
+  const Shape s{dims[0], dims[1], dims[2], n_context, d_out, loops};
+  if (P.dimensions()[0] != s.D || P.dimensions()[1] != s.D)
+    return ffi::Error::InvalidArgument("P, Q must be [D, D]");
   if (s.n < 1 || s.n > s.N || s.d_out < 1 || s.d_out > s.D || s.loops < 1)
     return ffi::Error::InvalidArgument("bad n_context / d_out / loops");
+  const float inv_n = 1.0f / static_cast<float>(s.n);
+  call.s = s;
+  call.P_over_n.assign(P.typed_data(), P.typed_data() + s.D * s.D);
+  for (float& x : call.P_over_n) x *= inv_n;
+  call.workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
   return ffi::Error::Success();
-}
-
-Shape ShapeOf(ffi::Buffer<ffi::F32> Z0, int64_t n_context, int64_t d_out, int64_t loops) {
-  auto dims = Z0.dimensions();
-  return Shape{dims[0], dims[1], dims[2], n_context, d_out, loops};
-}
-
-std::vector<float> Scaled(const float* P, int64_t count, float scale) {
-  std::vector<float> out(P, P + count);
-  for (float& x : out) x *= scale;
-  return out;
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Q,
                    ffi::Buffer<ffi::F32> Z0, int64_t n_context, int64_t d_out, int64_t loops,
                    bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> readouts,
                    ffi::ResultBuffer<ffi::F32> residuals) {
-  const Shape s = ShapeOf(Z0, n_context, d_out, loops);
-  if (auto e = CheckShapes(s, P.dimensions()[0], P.dimensions()[1]); e.failure()) return e;
-  const auto P_over_n = Scaled(P.typed_data(), s.D * s.D, 1.0f / static_cast<float>(s.n));
+  Call call;
+  if (auto e = Prepare(pool, P, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
+  const Shape& s = call.s;
+  const auto& P_over_n = call.P_over_n;
   const int64_t per_block = s.loops * s.record();
   if (store && static_cast<int64_t>(residuals->element_count()) != s.blocks() * per_block * kLanes)
     return ffi::Error::InvalidArgument("residual buffer has the wrong size");
-  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
-  std::vector<std::unique_ptr<AlignedVecs>> scratch(workers);
+  std::vector<std::unique_ptr<AlignedVecs>> scratch(call.workers);
   vec* stored = reinterpret_cast<vec*>(residuals->typed_data());
-  ParallelBlocks(pool, s.blocks(), workers, [&](int64_t b, int64_t w) {
+  ParallelBlocks(pool, s.blocks(), call.workers, [&](int64_t b, int64_t w) {
     if (!scratch[w]) scratch[w] = std::make_unique<AlignedVecs>((store ? 1 : per_block) + s.state());
     vec* records = store ? stored + b * per_block : scratch[w]->p;
     vec* Z_last = store ? scratch[w]->p : scratch[w]->p + per_block;
@@ -322,16 +328,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> ct, int64_t n_context, int64_t d_out, int64_t loops,
                     bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> dP,
                     ffi::ResultBuffer<ffi::F32> dQ, ffi::ResultBuffer<ffi::F32> dZ0) {
-  const Shape s = ShapeOf(Z0, n_context, d_out, loops);
-  if (auto e = CheckShapes(s, P.dimensions()[0], P.dimensions()[1]); e.failure()) return e;
+  Call call;
+  if (auto e = Prepare(pool, P, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
+  const Shape& s = call.s;
+  const auto& P_over_n = call.P_over_n;
   const int64_t DD = s.D * s.D, per_block = s.loops * s.record();
-  const auto P_over_n = Scaled(P.typed_data(), DD, 1.0f / static_cast<float>(s.n));
-  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
-  std::vector<std::unique_ptr<AlignedVecs>> scratch(workers);
+  std::vector<std::unique_ptr<AlignedVecs>> scratch(call.workers);
   std::vector<float> partial(s.blocks() * 2 * DD);
   const int64_t backward_scratch = 2 * s.state() + 5 * DD;
   const vec* stored = reinterpret_cast<const vec*>(residuals.typed_data());
-  ParallelBlocks(pool, s.blocks(), workers, [&](int64_t b, int64_t w) {
+  ParallelBlocks(pool, s.blocks(), call.workers, [&](int64_t b, int64_t w) {
     if (!scratch[w])
       scratch[w] = std::make_unique<AlignedVecs>(backward_scratch + (store ? 0 : per_block + s.state()));
     vec* base = scratch[w]->p;
@@ -359,35 +365,36 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
 
 }  // namespace
 
+// The attributes both handlers take, in this order after their buffers.
+template <class Binding>
+auto LoopAttributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("n_context")
+      .template Attr<int64_t>("d_out")
+      .template Attr<int64_t>("loops")
+      .template Attr<bool>("store")
+      .template Attr<int64_t>("threads");
+}
+
 extern "C" int64_t loopicl_lanes() { return kLanes; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // P
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Z0
-                                  .Attr<int64_t>("n_context")
-                                  .Attr<int64_t>("d_out")
-                                  .Attr<int64_t>("loops")
-                                  .Attr<bool>("store")
-                                  .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // readouts
+                              LoopAttributes(ffi::Ffi::Bind()
+                                                 .Ctx<ffi::ThreadPool>()
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // P
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // Q
+                                                 .Arg<ffi::Buffer<ffi::F32>>())  // Z0
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // readouts
                                   .Ret<ffi::Buffer<ffi::F32>>());  // residuals
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // P
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // Z0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // residuals
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // readout cotangent
-                                  .Attr<int64_t>("n_context")
-                                  .Attr<int64_t>("d_out")
-                                  .Attr<int64_t>("loops")
-                                  .Attr<bool>("store")
-                                  .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dP
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dQ
+                              LoopAttributes(ffi::Ffi::Bind()
+                                                 .Ctx<ffi::ThreadPool>()
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // P
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // Q
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // Z0
+                                                 .Arg<ffi::Buffer<ffi::F32>>()   // residuals
+                                                 .Arg<ffi::Buffer<ffi::F32>>())  // readout cotangent
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dP
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dQ
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dZ0
