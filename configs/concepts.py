@@ -1,4 +1,4 @@
-"""Multi-concept semantic ICL (Bu et al., NeurIPS 2024; PAPERS.md §5).
+"""Multi-concept semantic ICL (Bu et al., NeurIPS 2024; docs/theory.md §5).
 
 Softmax attention (query -> demonstrations) + a ReLU MLP with a fixed ±1/m output layer, trained
 with the logistic loss on prompts whose words are sparse sums of concept vectors.
@@ -14,12 +14,12 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(__file__))
 import default  # noqa: E402
 
-from loopicl import concepts  # noqa: E402
+from loopicl.concepts import task as concepts  # noqa: E402
 
 
 def get_config():
   config = default.get_config()
-  config.task = concepts.default_config()   # every symbol of PAPERS.md §5, commented there
+  config.task = concepts.default_config()   # every symbol of docs/theory.md §5, commented there
   config.task.num_concepts = 6              # K
   config.task.dim = 32                      # embedding dimension (>= 2K)
   config.task.concepts_per_word = 1         # extra random concepts per word

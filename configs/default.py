@@ -14,7 +14,7 @@ from loopicl import tasks
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # The in-context task distribution (PAPERS.md §1).
+  # The in-context task distribution (docs/theory.md §1).
   config.task = tasks.default_config()
   config.task.kind = "linear_regression"  # linear_regression | vector_generation | concept_classification
   config.task.d = 10                # input dimension
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.noise_std = 0.0       # label noise σ
   config.task.weight_scale = 1.0    # W* entries ~ N(0, weight_scale² / d)
 
-  # The looped transformer (PAPERS.md §2).
+  # The looped transformer (docs/theory.md §2).
   config.model = ml_collections.ConfigDict()
   config.model.parameterization = "full"  # full: P, Q free | gd: only A in Q = [[-A,0],[0,0]]
   config.model.loops = 5            # T: loops of the shared block at the end of training

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl import distributed, objectives, tasks, train
-from loopicl import model as model_lib
+from loopicl import distributed, family as family_lib, train
+from loopicl.linear import model as model_lib, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_SIZE = 2048
@@ -98,28 +98,31 @@ def _check_task(config) -> None:
                      f"{' | '.join(tasks.TASK_KINDS)}")
 
 
-def build(config, form: str | None = None, kernel: str | None = None):
-  """(chunk, state, objective, graphdef, tx) for `config`, exactly as train_and_evaluate runs it."""
+def _family_state(config):
+  """(family, tx, model_def, state) of `config`, exactly as train_and_evaluate builds them."""
   _check_task(config)
+  family = family_lib.of(config)
+  tx = train.family_optimizer(family)
+  model_def, state = train.init_state(family, tx, config.train.seed)
+  return family, tx, model_def, state
+
+
+def build(config, form: str | None = None, kernel: str | None = None):
+  """(chunk, state, family, model_def, tx) for `config`, exactly as train_and_evaluate runs it."""
   config = _with_form(config, form, kernel)
-  objective = objectives.make_objective(config)
-  tx = train.make_optimizer(config.train)
-  graphdef, state = train._init_state(objective, config, tx)
+  family, tx, model_def, state = _family_state(config)
   state = distributed.place_state(state)
-  chunk = train.make_train_chunk(objective, graphdef, tx, int(config.train.batch_size),
+  chunk = train.make_train_chunk(family, model_def, tx, int(config.train.batch_size),
                                  int(config.model.loops))
-  return chunk, state, objective, graphdef, tx
+  return chunk, state, family, model_def, tx
 
 
 def xla_step_flops(config, form: str | None = None) -> float:
   """XLA's cost-analysis FLOPs of one unsharded step, loops unrolled (so each one is counted)."""
   config = _with_form(config, form, kernel="xla")  # XLA cannot count inside a foreign call
   config.model.unroll = int(config.model.loops)
-  _check_task(config)
-  objective = objectives.make_objective(config)
-  tx = train.make_optimizer(config.train)
-  graphdef, state = train._init_state(objective, config, tx)
-  step = train.make_train_step(objective, graphdef, tx, int(config.train.batch_size),
+  family, tx, model_def, state = _family_state(config)
+  step = train.make_train_step(family, model_def, tx, int(config.train.batch_size),
                                int(config.model.loops))
   cost = jax.jit(step).lower(state, jnp.int32(0)).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

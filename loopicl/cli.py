@@ -26,18 +26,18 @@ def fail(message: str, status: int = 2):
 def _train_main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; allowed: --config, --workdir, --config.<field>=<value>", 2)
-  from loopicl import config as config_lib, train
+  from loopicl import errors, run, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
   FLAGS = flags.FLAGS
   if FLAGS.config is None:
     fail("--config is required; allowed: a config file such as configs/default.py", 2)
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-  except config_lib.ConfigError as e:
+  except errors.ConfigError as e:
     fail(str(e), 2)
-  except train.RunError as e:
+  except errors.RunError as e:
     fail(str(e), 1)
-  print(train.summary(result, FLAGS.config))
+  print(run.summary(result, FLAGS.config))
 
 
 def _flags_parser(allowed: str):
@@ -59,7 +59,7 @@ def run_train():
 
 
 def _evaluate_main(argv):
-  from loopicl import evaluate_run, train
+  from loopicl import errors, run
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts", 2)
@@ -67,8 +67,8 @@ def _evaluate_main(argv):
     fail("--workdir is required; allowed: a run directory written by scripts/train.py", 2)
   logging.set_verbosity(logging.WARNING)
   try:
-    evaluate_run.evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
-  except (train.RunError, ValueError) as e:
+    run.evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
+  except (errors.RunError, ValueError) as e:
     fail(" ".join(str(e).split()), 2)
 
 

@@ -1,74 +1,80 @@
 """Validation of experiment configs: fail before any work, with one line naming the field.
 
 An experiment config is a `ConfigDict` with sections `task`, `model`, `train`, `eval`,
-`checkpoint` (see configs/default.py, where every field is commented).  `validate` checks every
-field's type and range; `check_resumable` refuses to resume a run whose stored config differs in
-a field that changes the shape of what the checkpoint holds.
+`checkpoint` (configs/default.py comments every field).  This module checks the generic
+sections (`train`, `eval`, `checkpoint`, the top-level fields and `model.loops`); the task family
+of `task.kind` (family.py) supplies the schema of `task` and `model` and checks them.
+`shape_field_differences` refuses to resume a run whose stored config differs in a field that
+changes the shape of what the checkpoint holds.
+
+The `field_*` checkers are shared with the families: `field_int(cfg, "model", "loops")` raises
+ConfigError("config.model.loops=0 is invalid; allowed: an integer >= 1").
 """
 from __future__ import annotations
 
+import importlib.util
 import numbers
 import os
 
 import ml_collections
 
-from loopicl import tasks
+from loopicl import family as family_lib
+from loopicl.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 LOSS_NORMALIZATIONS = ("none", "gd")
-MODEL_INITS = ("random", "gd")  # model.init: random weights | the GD construction (step init_step) + noise
-CONCEPT_KINDS = ("concept_classification",)
-ATTENTION_FORMS = ("reassociated", "textbook")  # model.form: as loopicl.model.ATTENTION_FORMS
-KERNELS = ("auto", "xla", "cpu")  # model.kernel: as loopicl.model.KERNELS
 
-# Fields that fix the shapes of the parameters and optimizer state: a checkpoint written under one
-# value cannot be restored under another.
-SHAPE_FIELDS = ("task.kind", "task.d", "task.d_out", "model.parameterization",
-                "model.mlp_width", "model.heads", "task.dim", "task.num_concepts", "train.optimizer")
+GENERIC_FIELDS = {
+    "model": {"loops"},
+    "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
+              "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
+              "loss_normalization", "curriculum_start", "curriculum_every",
+              "curriculum_increment", "construction_steps", "steps_per_call", "log_every"},
+    "eval": {"every", "num_prompts", "seed"},
+    "checkpoint": {"every", "keep"},
+    "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
+}
+# Fields that fix the shape of the optimizer state, whatever the family.
+SHAPE_FIELDS = ("task.kind", "train.optimizer")
 
 
-class ConfigError(ValueError):
-  """A config field holds a value it may not hold. Its message is one line."""
-
-
-def _fail(field, value, allowed):
+def fail(field, value, allowed):
   raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 
 
-def _int(cfg, section, name, low=1):
+def field_int(cfg, section, name, low=1):
   v = cfg[section][name]
   if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-    _fail(f"{section}.{name}", v, f"an integer >= {low}")
+    fail(f"{section}.{name}", v, f"an integer >= {low}")
 
 
-def _real(cfg, section, name, low=0.0, strict=False):
+def field_real(cfg, section, name, low=0.0, strict=False):
   v = cfg[section][name]
   ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
   if not ok or v < low or (strict and v == low):
-    _fail(f"{section}.{name}", v, f"a finite number {'>' if strict else '>='} {low}")
+    fail(f"{section}.{name}", v, f"a finite number {'>' if strict else '>='} {low}")
 
 
-def _choice(cfg, section, name, choices):
+def field_choice(cfg, section, name, choices):
   v = cfg[section][name]
   if v not in choices:
-    _fail(f"{section}.{name}", v, " | ".join(map(str, choices)))
+    fail(f"{section}.{name}", v, " | ".join(map(str, choices)))
 
 
-def _bool(cfg, section, name):
+def field_bool(cfg, section, name):
   v = cfg[section][name]
   if not isinstance(v, bool):
-    _fail(f"{section}.{name}", v, "True | False")
+    fail(f"{section}.{name}", v, "True | False")
 
 
-def _concept_task_fields():
-  from loopicl import concepts
-  return concepts.default_config().keys()
+def task_error(e: ValueError) -> ConfigError:
+  """A task module's ValueError ("task.d=0 is invalid; …") as the config's ConfigError."""
+  return ConfigError(f"config.{e}")
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of the config file at `path` (configs/*.py are files, not a package)."""
-  import importlib.util
+  """`get_config()` of the config file at `path` (what --config=<path> loads)."""
   spec = importlib.util.spec_from_file_location(
       "loopicl_config_" + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
@@ -76,25 +82,17 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def known_fields() -> dict:
-  """Section -> allowed field names (a field in no family's schema is a typo)."""
-  return {
-      "task": set(tasks.default_config().keys()) | set(_concept_task_fields()),
-      "model": {"parameterization", "loops", "init_scale", "remat", "unroll", "mlp_width",
-                "heads", "attention_init_scale", "init", "init_step", "form", "kernel",
-                "kernel_threads"},
-      "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
-                "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
-                "loss_normalization", "curriculum_start", "curriculum_every",
-                "curriculum_increment", "construction_steps", "steps_per_call", "log_every"},
-      "eval": {"every", "num_prompts", "seed"},
-      "checkpoint": {"every", "keep"},
-      "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
-  }
+def known_fields(cfg) -> dict:
+  """Section -> allowed field names for the family of `cfg` (a field in no schema is a typo)."""
+  family = family_lib.get(cfg.task.kind)
+  known = {k: set(v) for k, v in GENERIC_FIELDS.items()}
+  known["task"] = set(family.task_config().keys())
+  known["model"] |= set(family.model_fields)
+  return known
 
 
 def _check_known_fields(cfg) -> None:
-  known = known_fields()
+  known = known_fields(cfg)
   for key in cfg.keys():
     if key not in known[""]:
       raise ConfigError(f"config.{key} is an unknown field; allowed: {' | '.join(sorted(known['']))}")
@@ -113,80 +111,57 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for section in ("task", "model", "train", "eval", "checkpoint"):
     if section not in cfg:
       raise ConfigError(f"config.{section} is missing; a config needs task, model, train, eval, checkpoint")
+  if "kind" not in cfg.task:
+    raise ConfigError("config.task.kind is missing; allowed: " + " | ".join(family_lib.kinds()))
+  family = family_lib.get(cfg.task.kind)
   _check_known_fields(cfg)
-  if cfg.task.kind in tasks.TASK_KINDS:
-    try:
-      tasks.validate(cfg.task)
-    except ValueError as e:
-      raise ConfigError(f"config.{e}") from None
-  else:
-    from loopicl import concepts  # the second paper's task family
-    if cfg.task.kind not in CONCEPT_KINDS:
-      _fail("task.kind", cfg.task.kind, " | ".join(tasks.TASK_KINDS + CONCEPT_KINDS))
-    try:
-      concepts.validate(cfg.task)
-    except ValueError as e:
-      raise ConfigError(f"config.{e}") from None
-  _int(cfg, "model", "loops")
-  _real(cfg, "model", "init_scale", 0.0, strict=True)
-  _bool(cfg, "model", "remat")
-  _int(cfg, "model", "unroll")
-  if cfg.task.kind in tasks.TASK_KINDS:
-    _choice(cfg, "model", "parameterization", ("full", "gd"))
-  # Optional (configs written before they existed lack them): the GD warm start.
-  if "init" in cfg.model:
-    _choice(cfg, "model", "init", MODEL_INITS)
-  if "init_step" in cfg.model:
-    _real(cfg, "model", "init_step", 0.0, strict=True)
-  if "form" in cfg.model:  # optional: configs written before it existed lack it
-    _choice(cfg, "model", "form", ATTENTION_FORMS)
-  if "kernel" in cfg.model:  # optional, as form
-    _choice(cfg, "model", "kernel", KERNELS)
-  if "kernel_threads" in cfg.model:
-    _int(cfg, "model", "kernel_threads", low=0)
+  field_int(cfg, "model", "loops")
+  family.validate(cfg)
   if "cpu_devices" in cfg:
     v = cfg.cpu_devices
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-      _fail("cpu_devices", v, "an integer >= 0 (0: JAX's default device count)")
+      fail("cpu_devices", v, "an integer >= 0 (0: JAX's default device count)")
   if "distributed" in cfg and not isinstance(cfg.distributed, bool):
-    _fail("distributed", cfg.distributed, "True | False")
-  _int(cfg, "train", "seed", 0)
-  _int(cfg, "train", "steps")
-  _int(cfg, "train", "batch_size")
-  _choice(cfg, "train", "optimizer", OPTIMIZERS)
-  _real(cfg, "train", "learning_rate", 0.0, strict=True)
-  _choice(cfg, "train", "schedule", SCHEDULES)
-  _int(cfg, "train", "warmup_steps", 0)
-  _real(cfg, "train", "grad_clip", 0.0)
-  _real(cfg, "train", "weight_decay", 0.0)
-  _real(cfg, "train", "momentum", 0.0)
+    fail("distributed", cfg.distributed, "True | False")
+  _validate_train(cfg)
+  field_int(cfg, "eval", "every")
+  field_int(cfg, "eval", "num_prompts")
+  field_int(cfg, "eval", "seed", 0)
+  field_int(cfg, "checkpoint", "every")
+  field_int(cfg, "checkpoint", "keep")
+
+
+def _validate_train(cfg) -> None:
+  field_int(cfg, "train", "seed", 0)
+  field_int(cfg, "train", "steps")
+  field_int(cfg, "train", "batch_size")
+  field_choice(cfg, "train", "optimizer", OPTIMIZERS)
+  field_real(cfg, "train", "learning_rate", 0.0, strict=True)
+  field_choice(cfg, "train", "schedule", SCHEDULES)
+  field_int(cfg, "train", "warmup_steps", 0)
+  field_real(cfg, "train", "grad_clip", 0.0)
+  field_real(cfg, "train", "weight_decay", 0.0)
+  field_real(cfg, "train", "momentum", 0.0)
   if cfg.train.momentum >= 1:
-    _fail("train.momentum", cfg.train.momentum, "a number in [0, 1)")
-  _int(cfg, "train", "loss_loops")
+    fail("train.momentum", cfg.train.momentum, "a number in [0, 1)")
+  field_int(cfg, "train", "loss_loops")
   if cfg.train.loss_loops > cfg.model.loops:
-    _fail("train.loss_loops", cfg.train.loss_loops, f"an integer in [1, model.loops={cfg.model.loops}]")
-  _choice(cfg, "train", "loss_normalization", LOSS_NORMALIZATIONS)
+    fail("train.loss_loops", cfg.train.loss_loops, f"an integer in [1, model.loops={cfg.model.loops}]")
+  field_choice(cfg, "train", "loss_normalization", LOSS_NORMALIZATIONS)
   if "construction_steps" in cfg.train:  # optional: configs written before it existed lack it
-    _int(cfg, "train", "construction_steps", 0)
-    if cfg.train.construction_steps > 0 and cfg.task.kind not in tasks.TASK_KINDS:
-      _fail("train.construction_steps", cfg.train.construction_steps,
-            f"0 for task.kind={cfg.task.kind!r} (the GD construction exists for "
-            f"{' | '.join(tasks.TASK_KINDS)} only)")
-  _int(cfg, "train", "steps_per_call")
-  _int(cfg, "train", "curriculum_start", 0)
+    field_int(cfg, "train", "construction_steps", 0)
+  field_int(cfg, "train", "steps_per_call")
+  field_int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:
-    _fail("train.curriculum_start", cfg.train.curriculum_start, f"0 (off) or an integer in [1, model.loops={cfg.model.loops}]")
-  _int(cfg, "train", "curriculum_every")
-  _int(cfg, "train", "curriculum_increment")
-  _int(cfg, "train", "log_every")
-  _int(cfg, "eval", "every")
-  _int(cfg, "eval", "num_prompts")
-  _int(cfg, "eval", "seed", 0)
-  _int(cfg, "checkpoint", "every")
-  _int(cfg, "checkpoint", "keep")
+    fail("train.curriculum_start", cfg.train.curriculum_start,
+         f"0 (off) or an integer in [1, model.loops={cfg.model.loops}]")
+  field_int(cfg, "train", "curriculum_every")
+  field_int(cfg, "train", "curriculum_increment")
+  field_int(cfg, "train", "log_every")
 
 
-def _get(cfg, dotted):
+def get_dotted(cfg, dotted):
+  """cfg["a"]["b"] for "a.b"; None where a part is missing."""
   node = cfg
   for part in dotted.split("."):
     if part not in node:
@@ -195,10 +170,15 @@ def _get(cfg, dotted):
   return node
 
 
+def shape_fields(cfg) -> tuple[str, ...]:
+  """The dotted fields whose change makes a checkpoint of `cfg` unrestorable."""
+  return SHAPE_FIELDS + tuple(family_lib.get(cfg.task.kind).shape_fields)
+
+
 def shape_field_differences(stored: dict, cfg: ml_collections.ConfigDict) -> list[str]:
-  """The SHAPE_FIELDS whose values differ between a stored config (dict) and `cfg`."""
+  """The shape fields whose values differ between a stored config (dict) and `cfg`."""
   stored = ml_collections.ConfigDict(stored)
-  return [f for f in SHAPE_FIELDS if _get(stored, f) != _get(cfg, f)]
+  return [f for f in shape_fields(cfg) if get_dotted(stored, f) != get_dotted(cfg, f)]
 
 
 def differences(stored: dict, cfg: ml_collections.ConfigDict, prefix="") -> list[str]:

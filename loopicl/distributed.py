@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from loopicl.config import ConfigError
+from loopicl.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -156,21 +156,21 @@ def constrain_batch(batch, mesh: Mesh | None, batch_size: int):
   return jax.tree.map(constrain, batch)
 
 
-class ShardedObjective:
+class ShardedFamily:
   """An objective whose `sample` returns a batch split over `mesh`; everything else delegated.
 
   `train.make_train_step` stays the plain single-device step: sharding is a property of where
   its batch lives, not of its code.
   """
 
-  def __init__(self, objective, mesh: Mesh):
-    self._objective, self._mesh = objective, mesh
+  def __init__(self, family, mesh: Mesh):
+    self._family, self._mesh = family, mesh
 
   def sample(self, key, batch_size: int):
-    return constrain_batch(self._objective.sample(key, batch_size), self._mesh, batch_size)
+    return constrain_batch(self._family.sample(key, batch_size), self._mesh, batch_size)
 
   def __getattr__(self, name):
-    return getattr(self._objective, name)
+    return getattr(self._family, name)
 
 
 # -- host values ----------------------------------------------------------------------------------

@@ -15,18 +15,7 @@ import time
 
 import numpy as np
 
-
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.floating, float)):
-    x = float(x)
-    return x if math.isfinite(x) else str(x)  # JSON has no NaN/inf: write "nan", "inf"
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
+from loopicl import jsonfile
 
 
 class RunLog:
@@ -57,7 +46,7 @@ class RunLog:
   def write_metrics(self, record: dict) -> None:
     if self.enabled:
       with open(self.metrics_path, "a") as f:
-        f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+        f.write(jsonfile.dumps(record, nonfinite="string", sort_keys=True) + "\n")
 
   def scalars(self, step: int, values: dict, prefix: str = "") -> None:
     if self._writer is None:
@@ -82,26 +71,6 @@ class RunLog:
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
-
-
-def weight_heatmaps(P, Q, P_ref, Q_ref, title: str = ""):
-  """Learned P, Q beside the construction, each pair on one symmetric colour scale."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
-  pairs = [(P, "learned P"), (P_ref, "construction P"), (Q, "learned Q"), (Q_ref, "construction Q")]
-  for i, (mat, name) in enumerate(pairs):
-    partner = pairs[i ^ 1][0]
-    vmax = max(np.abs(mat).max(), np.abs(partner).max(), 1e-12)
-    im = axes[i].imshow(mat, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-    axes[i].set_title(name)
-    axes[i].set_xticks([]), axes[i].set_yticks([])
-    fig.colorbar(im, ax=axes[i], fraction=0.046)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  return fig
 
 
 class ProgressBar:

@@ -8,7 +8,7 @@ seeds cost far less than K separate runs (scripts/benchmark_sweep.py measures it
 
 Each seed is exactly the run `train.train_and_evaluate` makes with `train.seed = s`: parameters
 from fold_in(key(s), 0), data key fold_in(key(s), 1), batch of step t from fold_in(data_key, t),
-the same loop curriculum (`train.loops_at`).  tests/test_reproduce.py checks the two agree.
+the same loop curriculum (`train.loops_at`) and chunk plan (`train.chunk_plan`).  tests/test_reproduce.py checks the two agree.
 
 Several devices (GPUs, or host CPU devices from `config.cpu_devices`): the seed axis is split
 over a 1-D "seeds" mesh — each device trains its own seeds, and since no operation mixes the
@@ -33,29 +33,21 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from loopicl import config as config_lib, objectives, train
+from loopicl import config as config_lib, family as family_lib, train
 
 
-def init_states(objective, config, tx, seeds):
-  """(graphdef, states): the initial training states of `seeds`, every leaf stacked [K, ...].
+def init_states(family, tx, seeds):
+  """(model_def, states): the initial training states of `seeds`, every leaf stacked [K, ...].
 
-  Seed s is initialised as a single run with train.seed = s is: the same keys, so the same
-  parameters and the same stream of batches.
+  Seed s is initialised as a single run with train.seed = s is (`train.init_state`): the same
+  keys, so the same parameters and the same stream of batches.
   """
-  def init_one(seed):
-    key = jax.random.key(seed)
-    model = objective.create_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
-    params = nnx.to_pure_dict(nnx.split(model)[1])
-    return {"params": params, "opt_state": tx.init(params),
-            "data_key": jax.random.key_data(jax.random.fold_in(key, 1))}
-
-  graphdef = nnx.split(objective.create_model(nnx.Rngs(params=jax.random.key(0))))[0]
   # Built one seed at a time (init is cheap) so each equals its single-run counterpart exactly.
-  states = [init_one(int(s)) for s in seeds]
-  return graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  built = [train.init_state(family, tx, int(s)) for s in seeds]
+  states = [state for _, state in built]
+  return built[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
 SEED_AXIS = "seeds"
@@ -75,13 +67,13 @@ def place_seeds(tree, mesh: Mesh | None):
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(SEED_AXIS)))
 
 
-def make_sweep_chunk(objective, graphdef, tx, batch_size: int, loops: int, mesh: Mesh | None = None):
+def make_sweep_chunk(family, model_def, tx, batch_size: int, loops: int, mesh: Mesh | None = None):
   """A jitted (states, bad, first_step, length) -> (states, bad, metrics), vmapped over seeds.
 
   states: stacked [K, ...]; bad: [K] int32; metrics: dict of [K, length].  States are donated.
   With `mesh`, the K seeds stay split over its devices (inputs placed by `place_seeds`).
   """
-  step_fn = train.make_train_step(objective, graphdef, tx, batch_size, loops)
+  step_fn = train.make_train_step(family, model_def, tx, batch_size, loops)
   split = None if mesh is None else NamedSharding(mesh, PartitionSpec(SEED_AXIS))
 
   @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,), out_shardings=split)
@@ -99,32 +91,15 @@ class SweepResult(NamedTuple):
   diverged_at:  [K] int64, the first step with a non-finite loss/gradient, −1 if none.
   final_loss:   [K] mean training loss of each seed over its last chunk (NaN-free only if alive).
   loss_curve:   [K, chunks] mean training loss per chunk.
-  graphdef:     for nnx.merge(graphdef, params of one seed).
+  model_def:    train.ModelDef: model_def.merge(params of one seed) is that seed's model.
   wall_s:       seconds spent training (compilation included).
   """
   params: dict
   diverged_at: np.ndarray
   final_loss: np.ndarray
   loss_curve: np.ndarray
-  graphdef: object
+  model_def: object
   wall_s: float
-
-
-def chunk_boundaries(config) -> list[tuple[int, int, int]]:
-  """[(first_step, length, loops)]: the chunks of a run, cut every `train.steps_per_call` steps
-  and at every curriculum change (the same grouping as a single run, without its eval/checkpoint
-  cuts — chunking does not change the numbers, only the dispatch count)."""
-  total, per_call = int(config.train.steps), int(config.train.steps_per_call)
-  out, step = [], 0
-  while step < total:
-    loops = train.loops_at(config, step)
-    end = min(total, (step // per_call + 1) * per_call)
-    if config.train.curriculum_start > 0:
-      every = int(config.train.curriculum_every)
-      end = min(end, (step // every + 1) * every)
-    out.append((step, end - step, loops))
-    step = end
-  return out
 
 
 def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
@@ -132,24 +107,24 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
   """Trains `config` once per seed in `seeds`, all seeds in one vmapped program.
 
   config.train.seed is ignored (the seeds replace it).  `log` (if given) gets a progress line at
-  most every `log_every_s` seconds.  Raises config.ConfigError for a bad config.
+  most every `log_every_s` seconds.  Raises errors.ConfigError for a bad config.
   """
   config_lib.validate(config)
   seeds = [int(s) for s in seeds]
   if not seeds:
     raise ValueError("seeds=[] is invalid; allowed: a non-empty list of integers >= 0")
-  objective = objectives.make_objective(config)
-  tx = train.make_optimizer(config.train, d=config.task.get("d"))
-  graphdef, states = init_states(objective, config, tx, seeds)
+  family = family_lib.of(config)
+  tx = train.family_optimizer(family)
+  model_def, states = init_states(family, tx, seeds)
   mesh = seed_mesh(len(seeds))
   states, bad = place_seeds((states, jnp.full((len(seeds),), -1, jnp.int32)), mesh)
   chunks, curve = {}, []
   start = last_log = time.time()
-  plan = chunk_boundaries(config)
+  plan = train.chunk_plan(config)
   for i, (first, length, loops) in enumerate(plan):
     chunk = chunks.get(loops)
     if chunk is None:
-      chunk = chunks[loops] = make_sweep_chunk(objective, graphdef, tx,
+      chunk = chunks[loops] = make_sweep_chunk(family, model_def, tx,
                                                int(config.train.batch_size), loops, mesh)
     states, bad, metrics = chunk(states, bad, jnp.int32(first), length)
     losses = np.asarray(metrics["loss"], np.float64)                        # [K, length]
@@ -166,7 +141,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
   curve = np.stack(curve, axis=1) if curve else np.zeros((len(seeds), 0))
   return SweepResult(params=params, diverged_at=np.asarray(bad, np.int64),
                      final_loss=curve[:, -1] if curve.size else np.full(len(seeds), np.nan),
-                     loss_curve=curve, graphdef=graphdef, wall_s=time.time() - start)
+                     loss_curve=curve, model_def=model_def, wall_s=time.time() - start)
 
 
 def seed_params(result: SweepResult, k: int) -> dict:
@@ -176,4 +151,4 @@ def seed_params(result: SweepResult, k: int) -> dict:
 
 def seed_model(result: SweepResult, k: int):
   """The NNX model of the k-th seed of a sweep."""
-  return nnx.merge(result.graphdef, seed_params(result, k))
+  return result.model_def.merge(seed_params(result, k))

@@ -1,23 +1,28 @@
-"""The training job: learn a looped transformer from tasks sampled on the fly.
+"""The training job: learn a model of any task family from tasks sampled on the fly.
 
 Read top to bottom: optimizer → the jitted chunk of steps (a pure function of (state, step)) →
-`train_and_evaluate` (restore, loop with periodic evaluation / logging / checkpointing) →
-`load_trained` for tools that read a finished run.
+the chunk plan → `init_state` → `train_and_evaluate` (restore, loop with periodic evaluation /
+logging / checkpointing).  The family (family.py) supplies the model, the sampler, the loss, the
+evaluator and which variables are trainable; nothing here knows a task kind.
 
 Determinism: step s trains on the batch drawn from fold_in(data_key, s), and the optimizer state
 and step live in the checkpoint, so a resumed run continues exactly where it stopped and ends
 bit-identical to an uninterrupted one.  Steps are grouped into chunks of `train.steps_per_call`
 (one `lax.scan`, one dispatch), aligned to multiples of steps_per_call and cut at every event
-(evaluation, checkpoint, curriculum change), so a resumed run groups its steps the same way.
+(evaluation, checkpoint, logging, curriculum change), so a resumed run groups its steps the same
+way.
+
+Trainable variables: the model is split with the family's `trainable` filter; only those
+variables are in `state["params"]`, differentiated and updated.  The others (e.g. a fixed output
+layer) are constants of the step, rebuilt by `create_model` from the seed, never trained.
 """
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-import signal
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +31,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from loopicl import checkpointing, config as config_lib, objectives, runlog
-
-
-class RunError(RuntimeError):
-  """A run cannot go on; the message is one line meant for the user."""
-
+from loopicl import checkpointing, config as config_lib, family as family_lib, run as run_lib, runlog
+from loopicl.errors import RunError
 
 # -- optimizer ------------------------------------------------------------------------------------
 
@@ -48,43 +49,9 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), after], [warmup])
 
 
-def construction_phase(steps: int, d: int) -> optax.GradientTransformation:
-  """For the first `steps` updates, zero every update of P and Q outside the GD construction's
-  blocks (P_yy = P[d:, d:] and Q_xx = Q[:d, :d]; other leaves, e.g. the `gd` A, pass).
-
-  Why: started at (or near) the construction, the `full` model first learns the best
-  preconditioned GD *within* the construction — a linear-in-the-data loop that cannot blow up —
-  and only then may use the other blocks, which at large T otherwise grow early (P_xx makes the
-  x-rows change from loop to loop, a degree-3^T polynomial) and blow up rare prompts.  Masking
-  the updates (after Adam), not the gradients, keeps Adam's moments of the frozen entries warm,
-  so they do not jump when released.
-  """
-  def masks(updates):
-    def mask(path, u):
-      name = getattr(path[-1], "key", None)
-      if name == "P":
-        return jnp.zeros(u.shape, u.dtype).at[d:, d:].set(1)
-      if name == "Q":
-        return jnp.zeros(u.shape, u.dtype).at[:d, :d].set(1)
-      return jnp.ones(u.shape, u.dtype)
-    return jax.tree_util.tree_map_with_path(mask, updates)
-
-  def init_fn(params):
-    del params
-    return {"count": jnp.zeros([], jnp.int32)}
-
-  def update_fn(updates, state, params=None):
-    del params
-    frozen = state["count"] < steps
-    updates = jax.tree.map(lambda u, m: jnp.where(frozen, u * m, u), updates, masks(updates))
-    return updates, {"count": state["count"] + 1}
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def make_optimizer(train_config, d: int | None = None) -> optax.GradientTransformation:
-  """clip → Adam/AdamW/SGD with the schedule (→ the construction phase when
-  `train.construction_steps` > 0, which needs the task's input dimension `d`)."""
+def make_optimizer(train_config, extra: optax.GradientTransformation | None = None
+                   ) -> optax.GradientTransformation:
+  """clip → Adam/AdamW/SGD with the schedule (→ the family's `optimizer_extra()`, if any)."""
   t = train_config
   schedule = learning_rate_schedule(t)
   # Clipping is always in the chain (inf when off) so the optimizer state has one structure.
@@ -95,37 +62,42 @@ def make_optimizer(train_config, d: int | None = None) -> optax.GradientTransfor
     opt = optax.adamw(schedule, weight_decay=t.weight_decay)
   else:
     opt = optax.sgd(schedule, momentum=float(t.momentum))
-  construction_steps = int(t.get("construction_steps", 0))
-  if construction_steps <= 0:  # off: the optimizer state keeps its older structure
+  if extra is None:  # the optimizer state keeps its older structure
     return optax.chain(clip, opt)
-  if d is None:
-    raise ValueError("train.construction_steps > 0 needs make_optimizer(..., d=config.task.d)")
-  return optax.chain(clip, opt, construction_phase(construction_steps, int(d)))
+  return optax.chain(clip, opt, extra)
 
 
-def loops_at(config, step: int) -> int:
-  """Loops trained at `step`: the loop curriculum grows from curriculum_start to model.loops."""
-  t, T = config.train, int(config.model.loops)
-  if t.curriculum_start <= 0:
-    return T
-  return min(T, int(t.curriculum_start) + (step // int(t.curriculum_every)) * int(t.curriculum_increment))
+def family_optimizer(family) -> optax.GradientTransformation:
+  """The optimizer a run of `family` trains with."""
+  return make_optimizer(family.config.train, family.optimizer_extra())
 
 
 # -- the jitted chunk of steps --------------------------------------------------------------------
 
-def make_train_step(objective, graphdef, tx, batch_size: int, loops: int):
+class ModelDef(NamedTuple):
+  """What turns trainable parameters back into the model: the graph and the frozen variables."""
+  graphdef: object
+  frozen: nnx.State
+
+  def merge(self, params):
+    return nnx.merge(self.graphdef, params, self.frozen)
+
+
+def make_train_step(family, model_def: ModelDef, tx, batch_size: int, loops: int):
   """The pure step (state, step) -> (state, metrics): sample, loss, gradient, optax update.
 
-  state = {"params", "opt_state", "data_key"} (pytrees of arrays).  Step s draws its batch from
-  fold_in(data_key, s) on device, so the data is a function of the step alone.
+  state = {"params", "opt_state", "data_key"} (pytrees of arrays; params = the trainable
+  variables only).  Step s draws its batch from fold_in(data_key, s) on device, so the data is a
+  function of the step alone.  metrics: loss, grad_norm and the family's aux scalars.
   """
+  loss_of = family.make_loss()  # the family resolves what it must (the linear kernel) here
+
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params)
-    return objective.loss(model, batch, loops)
+    return loss_of(model_def.merge(params), batch, loops)
 
   def step_fn(state, step):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["data_key"]), step)
-    batch = objective.sample(key, batch_size)
+    batch = family.sample(key, batch_size)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -157,19 +129,19 @@ def scan_steps(step_fn, state, first_step, length: int, bad=None):
   return state, bad, metrics
 
 
-def make_train_chunk(objective, graphdef, tx, batch_size: int, loops: int):
+def make_train_chunk(family, model_def: ModelDef, tx, batch_size: int, loops: int):
   """(state, first_step, length) -> (state, first_bad_step, metrics), jitted; state is donated.
 
   With several devices the batch is split over them and the state stays replicated
   (distributed.py); the call returns once the chunk is computed, so one sharded program is in
   flight at a time (XLA's CPU collectives abort when several wait on each other).  Raises
-  config.ConfigError (one line) when batch_size does not split evenly over the devices.
+  errors.ConfigError (one line) when batch_size does not split evenly over the devices.
   """
   from loopicl import distributed
   mesh = distributed.data_mesh(batch_size)
   if mesh is not None:
-    objective = distributed.ShardedObjective(objective, mesh)
-  step_fn = make_train_step(objective, graphdef, tx, batch_size, loops)
+    family = distributed.ShardedFamily(family, mesh)
+  step_fn = make_train_step(family, model_def, tx, batch_size, loops)
   # Everything the chunk returns is replicated: params and metrics read the same on every host.
   out_shardings = None if mesh is None else distributed.replicated(mesh)
 
@@ -184,77 +156,50 @@ def make_train_chunk(objective, graphdef, tx, batch_size: int, loops: int):
   return chunk
 
 
-def _next_event(step: int, config, total: int) -> int:
-  """The first step after `step` at which the host must act (chunk boundary or event)."""
+def loops_at(config, step: int) -> int:
+  """Loops trained at `step`: the loop curriculum grows from curriculum_start to model.loops."""
+  t, T = config.train, int(config.model.loops)
+  if t.curriculum_start <= 0:
+    return T
+  return min(T, int(t.curriculum_start) + (step // int(t.curriculum_every)) * int(t.curriculum_increment))
+
+
+def next_boundary(config, step: int, total: int, events: bool = True) -> int:
+  """The first step after `step` at which a chunk must end: a multiple of steps_per_call, a
+  curriculum change, the end and (with `events`) an evaluation, checkpoint or log step."""
   t = config.train
-  candidates = [total, (step // t.steps_per_call + 1) * t.steps_per_call,
-                (step // config.eval.every + 1) * config.eval.every,
-                (step // config.checkpoint.every + 1) * config.checkpoint.every,
-                (step // t.log_every + 1) * t.log_every]
+  every = [int(t.steps_per_call)]
   if t.curriculum_start > 0:
-    candidates.append((step // t.curriculum_every + 1) * t.curriculum_every)
-  return min(c for c in candidates if c > step)
+    every.append(int(t.curriculum_every))
+  if events:
+    every += [int(config.eval.every), int(config.checkpoint.every), int(t.log_every)]
+  return min([total] + [(step // e + 1) * e for e in every])
+
+
+def chunk_plan(config, events: bool = False) -> list[tuple[int, int, int]]:
+  """[(first_step, length, loops)]: the chunks of a whole run (`next_boundary`).  Sweeps use it
+  without the event cuts — chunking changes only the dispatch count, never the numbers."""
+  total, out, step = int(config.train.steps), [], 0
+  while step < total:
+    end = next_boundary(config, step, total, events)
+    out.append((step, end - step, loops_at(config, step)))
+    step = end
+  return out
+
+
+def init_state(family, tx, seed: int):
+  """(model_def, state) of a run with train.seed = `seed`: parameters from fold_in(key(seed), 0),
+  data key fold_in(key(seed), 1).  Only the family's trainable variables are in the state."""
+  key = jax.random.key(int(seed))
+  model = family.create_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
+  graphdef, trainable, frozen = nnx.split(model, family.trainable, ...)
+  params = nnx.to_pure_dict(trainable)
+  state = {"params": params, "opt_state": tx.init(params),
+           "data_key": jax.random.key_data(jax.random.fold_in(key, 1))}
+  return ModelDef(graphdef, frozen), state
 
 
 # -- the run --------------------------------------------------------------------------------------
-
-def _init_state(objective, config, tx):
-  key = jax.random.key(int(config.train.seed))
-  model = objective.create_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
-  graphdef, params = nnx.split(model)
-  params = nnx.to_pure_dict(params)
-  state = {"params": params, "opt_state": tx.init(params),
-           "data_key": jax.random.key_data(jax.random.fold_in(key, 1))}
-  return graphdef, state
-
-
-def _prepare_workdir(config, workdir: str, log) -> None:
-  """Writes config.json; refuses a config whose shape fields differ from the stored one."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    changed = config_lib.shape_field_differences(stored, config)
-    if changed:
-      fields = ", ".join(f"{f} (stored {config_lib._get(ml_collections.ConfigDict(stored), f)!r}, "
-                         f"now {config_lib._get(config, f)!r})" for f in changed)
-      raise RunError(f"workdir {workdir} holds a run with another shape: {fields}; "
-                     "use a new --workdir or the stored values")
-    diffs = config_lib.differences(stored, config)
-    if diffs:
-      backup = os.path.join(workdir, f"config.{int(time.time())}.json")
-      os.replace(path, backup)  # keep the old config: nothing written is lost
-      log(f"config changed since the last launch ({'; '.join(diffs)}); previous config kept in "
-          f"{os.path.basename(backup)}")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each chunk (then saves and exits)."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: signals stay with whoever owns them
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=print,
                        progress: bool = True) -> dict:
@@ -262,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
 
   The returned dict holds the last evaluation's metrics plus `step`, and `interrupted` (the
   signal's name) if SIGTERM/SIGINT stopped the run after saving a checkpoint.  Raises
-  config_lib.ConfigError for a bad config (before any work) and RunError when the run cannot go
+  errors.ConfigError for a bad config (before any work) and RunError when the run cannot go
   on (non-finite loss, incompatible workdir); both carry one-line messages.
   """
   config_lib.validate(config)
@@ -271,11 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda *a, **k: None)
   if is_main:
-    _prepare_workdir(config, workdir, log)
+    run_lib.prepare_workdir(config, workdir, log)
 
-  objective = objectives.make_objective(config)
-  tx = make_optimizer(config.train, d=config.task.get("d"))
-  graphdef, state = _init_state(objective, config, tx)
+  family = family_lib.of(config)
+  tx = family_optimizer(family)
+  model_def, state = init_state(family, tx, config.train.seed)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), int(config.checkpoint.keep))
   restored_step, restored = ckpt.restore_latest(state, log=log)
   step = 0
@@ -289,39 +234,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   state = distributed.place_state(state)  # replicated over the devices (identity on one)
 
   total = int(config.train.steps)
-  evaluate = objective.make_evaluator()
-  chunks = {}  # (loops, batch) -> jitted chunk; each length compiles once
+  evaluate = family.make_evaluator()
+  chunks = {}  # loops -> jitted chunk; each length compiles once
   bar = runlog.ProgressBar(total, start=step, enabled=progress and is_main)
   last = {"step": step}
-  recent_losses = []
+  recent = {}
   t_last, steps_since = time.time(), 0
 
   def do_eval(step):
-    model = nnx.merge(graphdef, jax.device_get(state["params"]))
+    model = model_def.merge(jax.device_get(state["params"]))
     metrics = evaluate(model)
     metrics["step"] = step
-    metrics["train_loss"] = float(np.mean(recent_losses)) if recent_losses else float("nan")
+    for name, values in recent.items():  # the train metrics of the last chunk, averaged
+      metrics[f"train_{name}" if name != "loss" else "train_loss"] = float(np.mean(values))
+    if not recent:
+      metrics["train_loss"] = float("nan")
     rlog.write_metrics(metrics)
     rlog.scalars(step, {k: v for k, v in metrics.items() if k != "step"}, prefix="eval/")
     for t, err in enumerate(metrics.get("test_error_per_loop", []), start=1):
       rlog.scalars(step, {f"test_error_loop_{t:02d}": err}, prefix="eval/per_loop/")
-    if hasattr(objective, "reference_weights"):
-      P, Q = (np.asarray(w) for w in model.weights())
-      P_ref, Q_ref = objective.reference_weights(model)
-      rlog.figure(step, "weights/P_Q_vs_construction", runlog.weight_heatmaps(
-          P, Q, P_ref, Q_ref, title=f"step {step}: weight distance {metrics['weight_distance']:.3f}"))
+    family.log_extras(rlog, step, model, metrics)
     rlog.flush()
     return metrics
 
-  stop = _StopRequest()
+  stop = run_lib.StopRequest()
   with stop:
     try:
       while step < total:
         loops = loops_at(config, step)
-        end = _next_event(step, config, total)
+        end = next_boundary(config, step, total)
         chunk = chunks.get(loops)
         if chunk is None:
-          chunk = chunks[loops] = make_train_chunk(objective, graphdef, tx,
+          chunk = chunks[loops] = make_train_chunk(family, model_def, tx,
                                                    int(config.train.batch_size), loops)
         state, bad, metrics = chunk(state, jnp.int32(step), end - step)
         bad = int(bad)
@@ -329,17 +273,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
           good = ckpt.all_steps()
           raise RunError(f"non-finite loss or gradient at step {bad}; stopped without saving. "
                          f"Last good checkpoint: step {good[-1] if good else 'none'} (kept)")
-        losses = np.asarray(metrics["loss"])
-        recent_losses = list(losses[-int(config.train.steps_per_call):])
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        losses = metrics["loss"]
+        recent = {k: v[-int(config.train.steps_per_call):] for k, v in metrics.items()
+                  if k != "grad_norm"}
         steps_since += end - step
         step = end
         now = time.time()
         steps_per_s = steps_since / max(now - t_last, 1e-9)
         if step % config.train.log_every == 0 or step == total:
           rlog.scalars(step, {"loss": float(losses.mean()),
-                              "grad_norm": float(np.asarray(metrics["grad_norm"]).mean()),
+                              "grad_norm": float(metrics["grad_norm"].mean()),
                               "learning_rate": float(learning_rate_schedule(config.train)(step)),
                               "steps_per_s": steps_per_s, "loops": loops}, prefix="train/")
+          rlog.scalars(step, {k: float(v.mean()) for k, v in metrics.items()
+                              if k not in ("loss", "grad_norm")}, prefix="train/")
           t_last, steps_since = now, 0
         bar.update(step, float(losses[-1]), steps_per_s)
         if step % config.eval.every == 0 or step == total:
@@ -358,68 +306,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
       rlog.close()
   if last.get("step") != step:
     # Launched again after the last step: nothing to train; evaluate without writing anything.
-    last = dict(do_eval_readonly(objective, graphdef, state), step=step)
+    model = model_def.merge(jax.device_get(state["params"]))
+    last = dict(evaluate(model), step=step)
   return last
-
-
-def do_eval_readonly(objective, graphdef, state) -> dict:
-  """Evaluates a state without writing anything (a finished run that is launched again)."""
-  model = nnx.merge(graphdef, jax.device_get(state["params"]))
-  return objective.make_evaluator()(model)
-
-
-# -- reading a finished run -----------------------------------------------------------------------
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise RunError(f"{workdir} holds no config.json: not a loopicl run directory")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_trained(workdir: str):
-  """(config, model, step) of the newest good checkpoint in `workdir`.
-
-  Raises RunError (one line) when there is no config or checkpoint, or when no checkpoint
-  matches the config's shapes.
-  """
-  config = load_config(workdir)
-  try:
-    config_lib.validate(config)
-  except ValueError as e:
-    raise RunError(f"{workdir}/config.json is invalid: {e}") from None
-  objective = objectives.make_objective(config)
-  tx = make_optimizer(config.train, d=config.task.get("d"))
-  graphdef, state = _init_state(objective, config, tx)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory) or not os.listdir(directory):
-    raise RunError(f"{workdir} holds no checkpoint (expected {directory}/<step>/)")
-  ckpt = checkpointing.Checkpointer(directory, int(config.checkpoint.keep))
-  try:
-    step, restored = ckpt.restore_latest(state, log=lambda *a: None, quarantine=False)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise RunError(f"no checkpoint in {directory} can be restored with the shapes of "
-                   f"{workdir}/config.json (mismatched or corrupt)")
-  return config, nnx.merge(graphdef, restored["params"]), int(step)
-
-
-def summary(result: dict, config) -> str:
-  """The run's closing lines: what it reached, next to the GD baseline."""
-  lines = [f"== loopicl run: {config.task.kind}, T={config.model.loops} loops, step {result.get('step')}"]
-  if "interrupted" in result:
-    lines.append(f"   interrupted by {result['interrupted']}; checkpoint saved, rerun to resume")
-  if "test_error" in result and "gd_error" in result:
-    verdict = "at or below" if result["gd_ratio"] <= 1.1 else "above"
-    lines.append(f"   test error after T loops      {result['test_error']:.4e}")
-    lines.append(f"   best constant-step GD error   {result['gd_error']:.4e} (eta={result['gd_step_size']:.4g})")
-    lines.append(f"   ratio model/GD                {result['gd_ratio']:.3f}  ({verdict} GD within 10%)")
-    lines.append(f"   weight distance to GD line    {result['weight_distance']:.3f}")
-    if result.get("nonfinite_prompts"):
-      lines.append(f"   non-finite prompts            {result['nonfinite_prompts']}")
-  for key in ("test_zero_one", "test_cross_entropy", "correct_attention"):
-    if key in result:
-      lines.append(f"   {key:<30s}{result[key]:.4g}")
-  return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Independent float64 numpy implementations of PAPERS.md §1–3, written without loopicl."""
+"""Independent float64 numpy implementations of docs/theory.md §1–3, written without loopicl."""
 import numpy as np
 
 

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from loopicl import concept_report, config as config_lib, evaluate_run, train
+from loopicl import config as config_lib, run, train
+from loopicl.concepts import report as concept_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_training_beats_chance_in_and_out_of_distribution(concept_run):
 
 def test_evaluate_writes_the_contract_and_figures_match_it(concept_run):
   workdir, _ = concept_run
-  report = evaluate_run.evaluate_run(str(workdir), num_prompts=512, log=lambda *a: None)
+  report = run.evaluate_run(str(workdir), num_prompts=512, log=lambda *a: None)
   on_disk = json.load(open(workdir / "eval" / "report.json"))
   for key in ("test_zero_one", "test_cross_entropy", "correct_attention"):
     assert math.isclose(on_disk[key], report[key])

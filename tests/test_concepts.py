@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from loopicl import concept_model as cm
-from loopicl import concepts
+from loopicl.concepts import model as cm
+from loopicl.concepts import task as concepts
 
 
 def _task(**kw):

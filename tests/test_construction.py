@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import loopicl
-from loopicl import construction, model as model_lib, tasks
+from loopicl.linear import construction, model as model_lib, tasks
 from tests import numpy_reference as ref
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import checkpointing, construction, evaluate_run, objectives, train
+from loopicl import checkpointing, family as family_lib, run, train
+from loopicl.linear import construction, family as linear_family
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ def _save_construction(workdir, config, step=STEP, eta=ETA):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f)
-  model = objectives.make_objective(config).create_model(nnx.Rngs(params=0))
+  model = family_lib.of(config).create_model(nnx.Rngs(params=0))
   P, Q = construction.gd_params(config.task.d, config.task.d_out, step_size=eta, dtype=model.P[...].dtype)
   model.P[...], model.Q[...] = P, Q
   params = nnx.to_pure_dict(nnx.split(model)[1])
@@ -46,7 +47,7 @@ def run_dir(tmp_path_factory):
 
 def test_evaluate_run_on_saved_construction(run_dir):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  report = evaluate_run.evaluate_run(run_dir, loops_max=6, num_prompts=128, log=lambda *a: None)
+  report = run.evaluate_run(run_dir, loops_max=6, num_prompts=128, log=lambda *a: None)
   T = tiny_config().model.loops
   assert report["trained_loops"] == T and report["loops"] == list(range(1, 7))
   assert report["run"]["step"] == STEP and report["run"]["parameterization"] == "full"
@@ -64,27 +65,27 @@ def test_evaluate_run_on_saved_construction(run_dir):
   acc.Reload()
   assert [e.step for e in acc.Scalars("analysis/weight_distance")] == [STEP]
   assert "analysis/errors" in acc.Tags()["images"]
-  assert evaluate_run.default_loops_max(5) == 40 and evaluate_run.default_loops_max(30) == 60
+  assert linear_family.default_loops_max(5) == 40 and linear_family.default_loops_max(30) == 60
 
 
 def test_evaluate_run_errors(tmp_path, run_dir):
-  with pytest.raises(train.RunError, match="no config.json"):
-    evaluate_run.evaluate_run(str(tmp_path / "missing"))
+  with pytest.raises(run.RunError, match="no config.json"):
+    run.evaluate_run(str(tmp_path / "missing"))
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "config.json").write_text(json.dumps(tiny_config().to_dict()))
-  with pytest.raises(train.RunError, match="no checkpoint"):
-    evaluate_run.evaluate_run(str(empty))
+  with pytest.raises(run.RunError, match="no checkpoint"):
+    run.evaluate_run(str(empty))
   # A checkpoint of another shape (d = 4) under a d = 3 config does not restore.
   other = str(tmp_path / "other")
   _save_construction(other, tiny_config(**{"task.d": 4}))
   (tmp_path / "other" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
-  with pytest.warns(UserWarning), pytest.raises(train.RunError, match="can be restored"):
-    evaluate_run.evaluate_run(other)
+  with pytest.warns(UserWarning), pytest.raises(run.RunError, match="can be restored"):
+    run.evaluate_run(other)
   # Reading a run never moves or deletes its checkpoints, even unusable ones.
   assert os.listdir(os.path.join(other, "checkpoints")) and not os.path.exists(other + "/checkpoints_corrupt")
   with pytest.raises(ValueError, match="loops_max"):
-    evaluate_run.evaluate_run(run_dir, loops_max=1, num_prompts=16, log=lambda *a: None)
+    run.evaluate_run(run_dir, loops_max=1, num_prompts=16, log=lambda *a: None)
 
 
 def _cli(*args):

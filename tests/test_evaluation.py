@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl import construction, evaluation, model as model_lib, plots, tasks
+from loopicl.linear import construction, evaluation, model as model_lib, plots, tasks
 from tests import numpy_reference as ref
 
 D_IN, D_OUT, M, N = 4, 1, 4, 12  # m = d: vector generation shares every compiled shape

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from loopicl import config as config_lib
-from loopicl import kernels, model, objectives, train
+from loopicl import family as family_lib, kernels, train
+from loopicl.linear import model
 from tests import numpy_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,11 +117,11 @@ def test_training_steps_match_the_xla_kernel():
   losses, moved = {}, {}
   for kernel in ("xla", "cpu"):
     cfg = _config(**{"model.kernel": kernel})
-    objective = objectives.make_objective(cfg)
+    family = family_lib.of(cfg)
     tx = train.make_optimizer(cfg.train)
-    graphdef, state = train._init_state(objective, cfg, tx)
+    model_def, state = train.init_state(family, tx, cfg.train.seed)
     start = [np.asarray(x) for x in jax.tree.leaves(state)]
-    step = jax.jit(train.make_train_step(objective, graphdef, tx, 40, 4))
+    step = jax.jit(train.make_train_step(family, model_def, tx, 40, 4))
     out = []
     for s in range(10):
       state, metrics = step(state, jnp.int32(s))
@@ -170,7 +171,8 @@ def test_a_failed_build_is_one_line_leaves_no_file_and_auto_falls_back(tmp_path)
   cache = tmp_path / "cache"
   result = _run("""
       import jax.numpy as jnp
-      from loopicl import kernels, model
+      from loopicl import kernels
+      from loopicl.linear import model
       print(model.resolve_kernel("auto"))
       try:
         model.resolve_kernel("cpu")
@@ -221,7 +223,8 @@ def test_the_avx2_build_computes_the_same(tmp_path):
   """A machine without AVX-512 gets 8 lanes and 3 × 3 tiles: build that variant here and check it."""
   result = _run("""
       import json, numpy as np, jax, jax.numpy as jnp
-      from loopicl import kernels, model
+      from loopicl import kernels
+      from loopicl.linear import model
       P, Q, Z0 = (jax.random.normal(k, s, jnp.float32) * c for k, s, c in zip(
           jax.random.split(jax.random.key(1), 3), [(7, 7), (7, 7), (21, 7, 12)], [0.1, 0.1, 1.0]))
       w = jax.random.normal(jax.random.key(2), (4, 21, 2, 2))
@@ -243,5 +246,8 @@ def test_config_fields_reach_the_model():
   from flax import nnx
   for kernel, threads in (("cpu", 1), ("xla", 0), ("auto", 3)):
     cfg = _config(**{"model.kernel": kernel, "model.kernel_threads": threads})
-    built = objectives.make_objective(cfg).create_model(nnx.Rngs(0))
-    assert built.kernel == ("xla" if kernel == "xla" else "cpu") and built.threads == threads
+    family = family_lib.of(cfg)
+    built = family.create_model(nnx.Rngs(0))
+    assert built.kernel == kernel and built.threads == threads  # as asked: resolved at step build
+    train.make_train_step(family, train.ModelDef(*nnx.split(built)), None, 40, 4)
+    assert family.resolved_kernel == ("xla" if kernel == "xla" else "cpu")

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl import config as config_lib, construction, objectives, reproduce, sweep, train
+from loopicl import config as config_lib, family as family_lib, sweep, train
+from loopicl.experiments import reproduce
+from loopicl.linear import construction
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,16 +117,16 @@ def test_sweep_equals_separate_runs():
   seeds = [0, 3]
   result = sweep.train_seeds(config, seeds)
   assert result.diverged_at.tolist() == [-1, -1]
-  objective = objectives.make_objective(config)
+  family = family_lib.of(config)
   tx = train.make_optimizer(config.train)
   for k, seed in enumerate(seeds):
     single = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
                             "train.steps": 50, "train.seed": seed})
-    _, state = train._init_state(objective, single, tx)
+    _, state = train.init_state(family, tx, single.train.seed)
     chunks = {}
-    for first, length, loops in sweep.chunk_boundaries(single):
+    for first, length, loops in train.chunk_plan(single):
       if loops not in chunks:
-        chunks[loops] = train.make_train_chunk(objective, result.graphdef, tx,
+        chunks[loops] = train.make_train_chunk(family, result.model_def, tx,
                                                int(single.train.batch_size), loops)
       state, bad, _ = chunks[loops](state, jnp.int32(first), length)
       assert int(bad) == -1
@@ -167,8 +169,8 @@ def test_construction_phase_moves_only_the_construction_blocks():
     config = tiny_config(**{"train.steps": steps, "train.steps_per_call": 5,
                             "train.construction_steps": construction_steps})
     config.task.d = d
-    init = sweep.init_states(objectives.make_objective(config), config,
-                             train.make_optimizer(config.train, d=d), [0])[1]["params"]
+    family = family_lib.of(config)
+    init = sweep.init_states(family, train.family_optimizer(family), [0])[1]["params"]
     return ({k: np.asarray(v[0]) for k, v in init.items()},
             sweep.seed_params(sweep.train_seeds(config, [0]), 0))
   init, during = run(10, 10)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import benchmark, train
-from loopicl.model import loop_readouts
+from loopicl import benchmark, run, train
+from loopicl.linear.model import loop_readouts
 from tests.test_train import DEFAULT_CONFIG, ROOT, TINY_OVERRIDES, tiny_config
 
 
@@ -32,17 +32,17 @@ def _python(code: str, env: dict, timeout: float = 300):
 
 _SHORT_RUN = """
   import json, jax, jax.numpy as jnp, numpy as np
-  from loopicl import config as config_lib, distributed, objectives, train
+  from loopicl import config as config_lib, distributed, family as family_lib, train
   from tests.test_train import tiny_config
 
   def short_run(steps=20, per_call=5):
     \"\"\"The training loop's own pieces: init, placement, jitted chunks.\"\"\"
     config = tiny_config(**{"train.batch_size": 16})
-    objective = objectives.make_objective(config)
+    family = family_lib.of(config)
     tx = train.make_optimizer(config.train)
-    graphdef, state = train._init_state(objective, config, tx)
+    model_def, state = train.init_state(family, tx, config.train.seed)
     state = distributed.place_state(state)
-    chunk = train.make_train_chunk(objective, graphdef, tx, 16, int(config.model.loops))
+    chunk = train.make_train_chunk(family, model_def, tx, 16, int(config.model.loops))
     losses = []
     for first in range(0, steps, per_call):
       state, bad, metrics = chunk(state, jnp.int32(first), per_call)
@@ -73,7 +73,7 @@ def four_device_child(tmp_path_factory):
   except config_lib.ConfigError as e:
     out["refused"] = str(e)
   result = train.train_and_evaluate(config, {workdir!r}, log=lambda *a: None, progress=False)
-  _, model, step = train.load_trained({workdir!r})
+  _, model, step = run.load_trained({workdir!r})
   out.update(initialized=jax.distributed.is_initialized(), processes=jax.process_count(),
              step=step, test_error=result["test_error"])
   print(json.dumps(out))
@@ -140,8 +140,8 @@ def test_two_processes_match_one_process_on_two_devices(tmp_path):
       assert a[key] == pytest.approx(b[key], rel=1e-5), key
   assert len([f for f in os.listdir(multi) if f.startswith("events.out.tfevents")]) == 1
   assert sorted(os.listdir(multi / "checkpoints")) == ["15", "30"]
-  _, model, step = train.load_trained(str(multi))
-  _, model_single, _ = train.load_trained(str(single))
+  _, model, step = run.load_trained(str(multi))
+  _, model_single, _ = run.load_trained(str(single))
   assert step == 30
   for w, w_single in zip(model.weights(), model_single.weights()):
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_single), rtol=1e-5, atol=1e-7)
@@ -179,8 +179,8 @@ def test_model_form_reaches_the_training_step():
   """The benchmark's textbook row really trains the textbook form (same numbers, other graph)."""
   c = tiny_config()
   for form in ("reassociated", "textbook"):
-    chunk, state, objective, graphdef, tx = benchmark.build(c, form)
-    assert nnx.merge(graphdef, state["params"]).form == form
+    chunk, state, family, model_def, tx = benchmark.build(c, form)
+    assert model_def.merge(state["params"]).form == form
 
 
 def test_step_flops_match_the_papers_count():
@@ -228,14 +228,14 @@ def test_long_sharded_run_does_not_abort():
   (distributed.block) such a loop aborted the process after 60 s with jax 0.10.2."""
   out = _python("""
     import json, time, jax, jax.numpy as jnp
-    from loopicl import distributed, objectives, train
+    from loopicl import distributed, family as family_lib, train
     from tests.test_train import tiny_config
     config = tiny_config(**{"train.batch_size": 16})
-    objective = objectives.make_objective(config)
+    family = family_lib.of(config)
     tx = train.make_optimizer(config.train)
-    graphdef, state = train._init_state(objective, config, tx)
+    model_def, state = train.init_state(family, tx, config.train.seed)
     state = distributed.place_state(state)
-    chunk = train.make_train_chunk(objective, graphdef, tx, 16, 2)
+    chunk = train.make_train_chunk(family, model_def, tx, 16, 2)
     start, step = time.time(), 0
     while time.time() - start < 75:
       state, bad, metrics = chunk(state, jnp.int32(step), 1)

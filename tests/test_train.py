@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from loopicl import checkpointing, config as config_lib, train
+from loopicl import checkpointing, config as config_lib, run, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
@@ -41,7 +41,7 @@ def _run(config, workdir):
 
 
 def _final_params(workdir):
-  _, model, step = train.load_trained(str(workdir))
+  _, model, step = run.load_trained(str(workdir))
   return step, {k: np.asarray(v) for k, v in zip("PQ", model.weights())}
 
 
@@ -166,7 +166,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
   after = {f: open(f, "rb").read() for f in glob.glob(str(workdir / "checkpoints" / "**" / "*"), recursive=True)
            if os.path.isfile(f)}
   assert after == before
-  assert train.load_trained(str(workdir))[2] == 20
+  assert run.load_trained(str(workdir))[2] == 20
 
 
 def test_shape_change_refused_harmless_change_allowed(tmp_path):

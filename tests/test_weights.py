@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from loopicl import construction, weights
+from loopicl.linear import construction, weights
 
 
 def _np_distance(P, Q, d, d_out):

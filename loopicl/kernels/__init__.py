@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl.config import ConfigError
+from loopicl.errors import ConfigError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "looped_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")

@@ -1,4 +1,4 @@
-"""The softmax-attention + ReLU-MLP classifier of the multi-concept task (PAPERS.md §5), its
+"""The softmax-attention + ReLU-MLP classifier of the multi-concept task (docs/theory.md §5), its
 logistic loss and its evaluation metrics.
 
 The network reads a prompt H: [batch, D, L + 1] (D = 2·dim: word over label; the last column is
@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from loopicl import concepts
+from loopicl.concepts import task as concepts
 
 
 def default_model_config() -> ml_collections.ConfigDict:

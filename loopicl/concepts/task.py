@@ -1,4 +1,4 @@
-"""Multi-concept word semantics as an in-context classification task (PAPERS.md §5, Bu et al. 2024).
+"""Multi-concept word semantics as an in-context classification task (docs/theory.md §5, Bu et al. 2024).
 
 The concept dictionary (drawn once from `dictionary_seed`, shared by the whole task distribution):
 K concepts, concept k owning four orthogonal directions of two orthonormal bases, U (word side) and

@@ -1,6 +1,6 @@
 """Reproduce the source paper's claim: n = O(d) examples suffice, error falls geometrically in T.
 
-The claim (PAPERS.md §3): T loops of the looped linear transformer can run T steps of GD, whose
+The claim (docs/theory.md §3): T loops of the looped linear transformer can run T steps of GD, whose
 error after T steps is ≤ ρ(κ̂)^T with ρ = (κ̂ − 1)/(κ̂ + 1) and κ̂ the condition number of the
 prompt's empirical covariance — bounded once n is a constant multiple of d, so no exp(T)
 examples are needed.  This module runs the grid that tests it, for two methods:
@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from loopicl import config as config_lib, construction, distributed, sweep, tasks, weights
-from loopicl.model import loop_readouts
+from loopicl import config as config_lib, distributed, sweep
+from loopicl.linear import construction, tasks, weights
+from loopicl.linear.model import loop_readouts
 
 TRAIN_MODES = ("per_loops", "window")
 CSV_COLUMNS = (

@@ -1,4 +1,4 @@
-"""The looped linear transformer (PAPERS.md §2).
+"""The looped linear transformer (docs/theory.md §2).
 
 One linear self-attention block, the same (P, Q) applied in every loop:
 
@@ -20,14 +20,14 @@ one CPU device in float32 with the reassociated form and the kernel builds, else
 """
 from __future__ import annotations
 
-
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from loopicl.config import ConfigError
+from loopicl.errors import ConfigError
 
 PARAMETERIZATIONS = ("full", "gd")
 ATTENTION_FORMS = ("reassociated", "textbook")
@@ -182,9 +182,13 @@ class LoopedLinearTransformer(nnx.Module):
     if form not in ATTENTION_FORMS:
       raise ValueError(f"form={form!r} is invalid; allowed: {' | '.join(ATTENTION_FORMS)}")
     self.d, self.d_out, self.parameterization = d, d_out, parameterization
+    if kernel not in KERNELS:
+      raise ConfigError(f"model.kernel={kernel!r} is invalid; allowed: {' | '.join(KERNELS)}")
     self.remat, self.unroll, self.form = remat, unroll, form
     dtype = dtype or jnp.result_type(float)
-    self.kernel, self.threads = resolve_kernel(kernel, form, dtype), threads
+    # The kernel as asked for ("auto" included): resolved when a step is built or the model is
+    # called, never here — building a model (e.g. to evaluate a run) must not build the kernel.
+    self.kernel, self.threads = kernel, threads
     D = d + d_out
     if parameterization == "full":
       self.P = nnx.Param(init_scale * jax.random.normal(rngs.params(), (D, D), dtype))
@@ -198,9 +202,21 @@ class LoopedLinearTransformer(nnx.Module):
       return self.P[...], self.Q[...]
     return gd_weights(self.A[...], self.d_out)
 
-  def __call__(self, Z0: jax.Array, loops: int, n_queries: int = 1) -> jax.Array:
-    """Z0: [batch, D, n + m] -> read-outs [loops, batch, d_out, m] (element t−1: after t loops)."""
+  def __call__(self, Z0: jax.Array, loops: int, n_queries: int = 1, kernel: str | None = None) -> jax.Array:
+    """Z0: [batch, D, n + m] -> read-outs [loops, batch, d_out, m] (element t−1: after t loops).
+
+    kernel: "xla" | "cpu", already resolved (the training step passes its own); None: the
+    model's, resolved now if it is "auto".
+    """
     P, Q = self.weights()
+    if kernel is None:
+      kernel = resolve_kernel(self.kernel, self.form, Z0.dtype)
     return loop_readouts(P, Q, Z0, loops=loops, d_out=self.d_out, n_queries=n_queries,
                          form=self.form, remat=self.remat, unroll=self.unroll,
-                         kernel=self.kernel, threads=self.threads)
+                         kernel=kernel, threads=self.threads)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def jitted_readouts(P, Q, Z0, loops, d_out, n_queries):
+  """`loop_readouts` on the plain XLA path, jitted: [loops, batch, d_out, m] (evaluation)."""
+  return loop_readouts(P, Q, Z0, loops=loops, d_out=d_out, n_queries=n_queries)

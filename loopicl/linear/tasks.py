@@ -1,4 +1,4 @@
-"""In-context regression tasks as prompt matrices (PAPERS.md §1).
+"""In-context regression tasks as prompt matrices (docs/theory.md §1).
 
 A prompt holds n context examples and m queries as columns:
 

@@ -39,6 +39,7 @@ def _arr(values) -> np.ndarray:
 
 
 def _mat(values) -> np.ndarray:
+  """A matrix as float64 with NaN for None (report.json's nulls); arrays pass through."""
   return np.array([[np.nan if v is None else v for v in row] for row in values], np.float64)
 
 
@@ -149,19 +150,29 @@ def _heatmap_pair(fig, ax_left, ax_right, left, right, titles, gids):
   fig.colorbar(im, ax=[ax_left, ax_right], shrink=0.85)
 
 
-def weight_heatmaps(report: dict[str, Any]) -> Figure:
-  """Learned P, Q next to the GD construction rescaled onto the learned scale (same colours per pair)."""
+def weight_heatmaps(P, Q, P_ref, Q_ref, *, scale=None, title: str = "") -> Figure:
+  """Learned P, Q next to the GD construction moved to their scale (`weights.
+  construction_at_learned_scale`), each pair on one symmetric colour scale.  The one weight
+  heatmap: TensorBoard's (during training) and the report's."""
   fig, axes = _new(9, 8, ncols=2, nrows=2)
-  w, c = report["weights"], report.get("interpolation_scale")
-  scale = f" (c = {_g(c)})"
-  _heatmap_pair(fig, axes[0, 0], axes[0, 1], _mat(w["P"]), _mat(w["P_construction"]),
-                ("learned P", "construction c·P_GD" + scale), ("weights.P", "weights.P_construction"))
-  _heatmap_pair(fig, axes[1, 0], axes[1, 1], _mat(w["Q"]), _mat(w["Q_construction"]),
-                ("learned Q", "construction Q_GD / c" + scale), ("weights.Q", "weights.Q_construction"))
-  fig.suptitle(f"Weights vs GD construction (η* = {_g(report['gd_step_size'])}); "
-               f"weight distance {_g(report['weight_distance'])}, "
-               f"off-block {_g(report['offblock_fraction'])}")
+  c = "" if scale is None else f" (c = {_g(scale)})"
+  _heatmap_pair(fig, axes[0, 0], axes[0, 1], _mat(P), _mat(P_ref),
+                ("learned P", "construction c·P_GD" + c), ("weights.P", "weights.P_construction"))
+  _heatmap_pair(fig, axes[1, 0], axes[1, 1], _mat(Q), _mat(Q_ref),
+                ("learned Q", "construction Q_GD / c" + c), ("weights.Q", "weights.Q_construction"))
+  if title:
+    fig.suptitle(title)
   return fig
+
+
+def weights_figure(report: dict[str, Any]) -> Figure:
+  """The report's weight heatmaps, from report.json's `weights` matrices."""
+  w = report["weights"]
+  return weight_heatmaps(w["P"], w["Q"], w["P_construction"], w["Q_construction"],
+                         scale=report.get("interpolation_scale"),
+                         title=f"Weights vs GD construction (η* = {_g(report['gd_step_size'])}); "
+                               f"weight distance {_g(report['weight_distance'])}, "
+                               f"off-block {_g(report['offblock_fraction'])}")
 
 
 def preconditioner(report: dict[str, Any]) -> Figure:
@@ -217,7 +228,7 @@ def interpolation(report: dict[str, Any]) -> Figure:
   return fig
 
 
-FIGURES = {"errors": error_vs_loops, "sensitivity": sensitivity, "weights": weight_heatmaps,
+FIGURES = {"errors": error_vs_loops, "sensitivity": sensitivity, "weights": weights_figure,
            "preconditioner": preconditioner, "interpolation": interpolation}
 
 

@@ -1,4 +1,4 @@
-"""The exact GD construction and the plain-JAX reference algorithms (PAPERS.md §3).
+"""The exact GD construction and the plain-JAX reference algorithms (docs/theory.md §3).
 
 With P = [[0,0],[0,I]] and Q = [[−A,0],[0,0]] the looped transformer computes, loop by loop,
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopicl import model as model_lib
+from loopicl.linear import model as model_lib
 
 
 def _preconditioner(d: int, step_size, preconditioner, dtype) -> jax.Array:
@@ -125,7 +125,7 @@ def optimal_step_size(X: jax.Array) -> jax.Array:
 
 
 def convergence_rate(kappa, step: str = "optimal"):
-  """Per-step contraction of GD on a problem with condition number κ̂ (PAPERS.md §3).
+  """Per-step contraction of GD on a problem with condition number κ̂ (docs/theory.md §3).
 
   step="optimal" (η = 2/(λ_max+λ_min)): (κ̂ − 1)/(κ̂ + 1);  step="inverse_max" (η = 1/λ_max): 1 − 1/κ̂.
   """
@@ -174,6 +174,24 @@ def gd_query_error(X, Y, X_query, targets, *, steps: int, step_sizes: jax.Array)
   return jax.lax.map(error, jnp.asarray(step_sizes, X.dtype))
 
 
+def zoom_minimize(errors_of, grid, *, done, refine) -> tuple[float, float]:
+  """The grid point of least error, zoomed: the one search behind every tuned baseline knob.
+
+  errors_of(grid) -> errors (numpy, +inf where non-finite); after each round the bracket of the
+  best point's neighbours (lo, best, hi) either satisfies done(lo, best, hi) and the best point
+  is returned, or becomes the next grid refine(lo, hi).  A non-finite best error stops at once.
+  Returns (argmin, min error) as Python floats.
+  """
+  grid = np.asarray(grid)
+  while True:
+    errors = np.asarray(errors_of(grid))
+    i = int(np.argmin(errors))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    if done(lo, grid[i], hi) or not np.isfinite(errors[i]):
+      return float(grid[i]), float(errors[i])
+    grid = refine(lo, hi)
+
+
 def best_constant_step(X, Y, X_query, targets, *, steps: int, rel_tol: float = 1e-4,
                        grid_points: int = 48) -> tuple[float, float]:
   """The constant step η minimizing the batch-mean query MSE after `steps` GD steps.
@@ -186,11 +204,8 @@ def best_constant_step(X, Y, X_query, targets, *, steps: int, rel_tol: float = 1
   """
   _, lam_max = covariance_extremes(X)
   hi = 4.0 / float(jnp.min(lam_max))
-  grid = np.geomspace(1e-4 * hi, hi, grid_points)
-  while True:
-    errors = np.asarray(gd_query_error(X, Y, X_query, targets, steps=steps, step_sizes=grid))
-    i = int(np.argmin(errors))
-    lo_edge, hi_edge = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    if (hi_edge - lo_edge) <= rel_tol * grid[i] or not np.isfinite(errors[i]):
-      return float(grid[i]), float(errors[i])
-    grid = np.linspace(lo_edge, hi_edge, 17)
+  return zoom_minimize(
+      lambda grid: gd_query_error(X, Y, X_query, targets, steps=steps, step_sizes=grid),
+      np.geomspace(1e-4 * hi, hi, grid_points),
+      done=lambda lo, best, hi: hi - lo <= rel_tol * best,
+      refine=lambda lo, hi: np.linspace(lo, hi, 17))

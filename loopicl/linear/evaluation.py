@@ -1,4 +1,4 @@
-"""What did the looped transformer learn, and how close is it to gradient descent? (PAPERS.md §3–4)
+"""What did the looped transformer learn, and how close is it to gradient descent? (docs/theory.md §3–4)
 
 `analyze(P, Q, task_config, trained_loops=T)` evaluates learned weights (P, Q) on held-out prompts
 and returns a JSON-serialisable report: the query error after every loop t = 1..loops_max next to
@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl import construction, model as model_lib, tasks, weights
+from loopicl.linear import construction, model as model_lib, tasks, weights
 
 # Loop-indexed report lists (aligned with `loops`) that `write_report` tabulates.
 PER_LOOP_KEYS = ("model_error", "gd_error", "pgd_error", "least_squares_error", "ridge_error",
@@ -610,7 +610,7 @@ def write_report(report: dict[str, Any], outdir: str, P=None, Q=None, *,
 
   figures: name → matplotlib Figure; default `plots.all_figures(report)`.  Returns name → path.
   """
-  from loopicl import plots  # matplotlib is only needed for output.
+  from loopicl.linear import plots  # matplotlib is only needed for output.
   os.makedirs(outdir, exist_ok=True)
   paths = {"json": os.path.join(outdir, "report.json"), "markdown": os.path.join(outdir, "report.md")}
   with open(paths["json"], "w") as f:

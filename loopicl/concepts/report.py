@@ -1,4 +1,4 @@
-"""Evaluation report of a concept-classification run (PAPERS.md §5, Bu et al. 2024).
+"""Evaluation report of a concept-classification run (docs/theory.md §5, Bu et al. 2024).
 
 From the newest checkpoint: 0-1 loss and cross-entropy in distribution and on every OOD variant,
 the attention mass on the "correct" demonstrations, and the concept/noise alignment of the weights
@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from loopicl import concept_model
+from loopicl.concepts import model as concept_model
 
 
 def _records(workdir: str) -> list[dict]:

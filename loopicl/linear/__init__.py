@@ -1,0 +1,12 @@
+"""The linear family: looped linear transformers on in-context regression (docs/theory.md §1–4).
+
+  tasks.py         prompts Z0 = [X, X_q; Y, 0], the task distribution (Σ, W*, noise)
+  model.py         the looped block Z ← Z + (1/n)·P·Z M Zᵀ·Q·Z, its kernels, the NNX module
+  construction.py  the GD construction and the one GD engine: iterates, least squares, ridge,
+                   the best constant step (one T or many), rates and bounds
+  weights.py       scale-invariant comparison of (P, Q) with the construction
+  training.py      the GD warm start and the construction phase of the optimizer
+  family.py        the family: schema, loss, training-time evaluator, summary (registered)
+  evaluation.py    the offline report of learned weights against GD and its baselines
+  plots.py         the report's figures and the one weight heatmap
+"""

@@ -1,0 +1,226 @@
+"""The linear task family: looped linear transformers on in-context regression (docs/theory.md §1–4).
+
+Serves `linear_regression` and `vector_generation`.  The model is `LoopedLinearTransformer`
+(optionally warm-started at the GD construction), the loss the query MSE over the last
+`train.loss_loops` loops (optionally each divided by GD's error after as many steps), the
+training-time evaluator the per-loop query error next to GD with the best constant step, and the
+offline report `linear/evaluation.py` (scripts/evaluate.py).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from loopicl import config as config_lib, family as family_lib, stats
+from loopicl.linear import construction, model as model_lib, tasks, training, weights
+
+
+def default_loops_max(trained_loops: int) -> int:
+  """2·T, at least 40: far enough past T to see whether the learned loop keeps converging."""
+  return max(2 * int(trained_loops), 40)
+
+
+@family_lib.register
+class LinearFamily(family_lib.Family):
+  """Looped linear transformer on in-context linear regression / vector generation."""
+
+  kinds = tasks.TASK_KINDS
+  model_fields = frozenset({"parameterization", "init_scale", "remat", "unroll", "init",
+                            "init_step", "form", "kernel", "kernel_threads"})
+  shape_fields = ("task.d", "task.d_out", "model.parameterization")
+
+  @classmethod
+  def task_config(cls):
+    return tasks.default_config()
+
+  @classmethod
+  def validate(cls, cfg) -> None:
+    try:
+      tasks.validate(cfg.task)
+    except ValueError as e:
+      raise config_lib.task_error(e) from None
+    config_lib.field_real(cfg, "model", "init_scale", 0.0, strict=True)
+    config_lib.field_bool(cfg, "model", "remat")
+    config_lib.field_int(cfg, "model", "unroll")
+    config_lib.field_choice(cfg, "model", "parameterization", model_lib.PARAMETERIZATIONS)
+    # Optional (configs written before they existed lack them).
+    if "init" in cfg.model:
+      config_lib.field_choice(cfg, "model", "init", training.MODEL_INITS)
+    if "init_step" in cfg.model:
+      config_lib.field_real(cfg, "model", "init_step", 0.0, strict=True)
+    if "form" in cfg.model:
+      config_lib.field_choice(cfg, "model", "form", model_lib.ATTENTION_FORMS)
+    if "kernel" in cfg.model:
+      config_lib.field_choice(cfg, "model", "kernel", model_lib.KERNELS)
+    if "kernel_threads" in cfg.model:
+      config_lib.field_int(cfg, "model", "kernel_threads", low=0)
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.n_queries = tasks.num_queries(config.task)
+    self._gd_curve = None
+    self.resolved_kernel = None  # set when the training step is built (make_loss)
+
+  # -- model and data ---------------------------------------------------------------------------
+  def create_model(self, rngs: nnx.Rngs) -> model_lib.LoopedLinearTransformer:
+    return training.create_model(self.config, rngs)
+
+  def sample(self, key, batch_size: int) -> tasks.Batch:
+    return tasks.sample(key, self.task, batch_size)
+
+  def optimizer_extra(self):
+    steps = int(self.config.train.get("construction_steps", 0))
+    return training.construction_phase(steps, int(self.task.d)) if steps > 0 else None
+
+  # -- loss -------------------------------------------------------------------------------------
+  def loss_weights(self, loops: int) -> np.ndarray:
+    """Weight of each loop's MSE in the loss: [loops], mean over the last `train.loss_loops`.
+
+    With loss_normalization="gd" each loop's MSE is divided by the error of GD (best constant
+    step for the final T) after as many steps, so every loop of the window counts equally instead
+    of the first ones dominating (the GD error falls geometrically in t).
+    """
+    k = min(int(self.config.train.loss_loops), loops)
+    w = np.zeros(loops)
+    w[loops - k:] = 1.0 / k
+    if self.config.train.loss_normalization == "gd":
+      w = w / self.gd_error_curve()[:loops]
+    return w
+
+  def gd_error_curve(self) -> np.ndarray:
+    """GD query MSE after t = 1..T steps (best constant step for T) on 1024 separate prompts."""
+    if self._gd_curve is None:
+      T = int(self.config.model.loops)
+      b = self.sample(jax.random.key(int(self.config.eval.seed) + 7919), 1024)
+      eta, _ = construction.best_constant_step(b.X, b.Y, b.X_query, b.targets, steps=T)
+      W = construction.gd_iterates(b.X, b.Y, steps=T, step_size=eta)[1:]
+      err = tasks.query_mse(W @ b.X_query, b.targets).mean(-1)
+      self._gd_curve = np.maximum(np.asarray(err, np.float64), 1e-12)
+    return self._gd_curve
+
+  def make_loss(self):
+    """The loss of the training step, with `model.kernel` resolved now (not at model creation:
+    evaluating a run never builds the fused kernel)."""
+    m = self.config.model
+    self.resolved_kernel = model_lib.resolve_kernel(m.get("kernel", "xla"),
+                                                    m.get("form", "reassociated"))
+    kernel = self.resolved_kernel
+    if self.config.train.loss_normalization == "gd":
+      self.gd_error_curve()  # computed now, eagerly: the loss is traced and needs constants
+
+    def loss(model, batch: tasks.Batch, loops: int):
+      readouts = model(batch.Z0, loops=loops, n_queries=self.n_queries, kernel=kernel)
+      per_loop = jnp.mean(jnp.square(readouts - batch.targets), axis=(1, 2, 3))  # [T]
+      w = jnp.asarray(self.loss_weights(loops), per_loop.dtype)
+      return jnp.sum(w * per_loop), {"last_loop_mse": per_loop[-1]}
+    return loss
+
+  def loss(self, model, batch, loops: int):
+    return self.make_loss()(model, batch, loops)
+
+  # -- evaluation -------------------------------------------------------------------------------
+  def make_evaluator(self):
+    """`evaluate(model) -> dict` on `eval.num_prompts` fixed held-out prompts.
+
+    Reports the MSE after each loop 1..T (mean over finite prompts, with the count of non-finite
+    ones), the error of GD with the best constant step at the same T on the same prompts (the step
+    is scanned on separate prompts), their ratio, and the scale-invariant weight distance.
+    """
+    T = int(self.config.model.loops)
+    key = jax.random.key(int(self.config.eval.seed))
+    test = self.sample(jax.random.fold_in(key, 0), int(self.config.eval.num_prompts))
+    scan = self.sample(jax.random.fold_in(key, 1), int(self.config.eval.num_prompts))
+    eta, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=T)
+    W_gd = construction.gd_iterates(test.X, test.Y, steps=T, step_size=eta)[-1]
+    gd_error = float(jnp.mean(tasks.query_mse(W_gd @ test.X_query, test.targets)))
+    vector_generation = self.task.kind == "vector_generation"
+    d_out, n_queries = int(self.task.d_out), self.n_queries
+
+    @jax.jit
+    def _metrics(P, Q):
+      readouts = model_lib.jitted_readouts(P, Q, test.Z0, T, d_out, n_queries)
+      per_prompt = tasks.query_mse(readouts, test.targets)               # [T, batch]
+      mse, nonfinite = stats.finite_mean(per_prompt)
+      out = {"test_error_per_loop": mse, "nonfinite_per_loop": nonfinite,
+             "weight_distance": weights.weight_distance(P, Q, d_out),
+             "gd_step_equivalent": weights.gd_step_equivalent(P, Q, d_out)}
+      if vector_generation:  # read-out = Ŵ_t when the queries are e_1..e_d
+        out["weight_error_per_loop"] = stats.finite_mean(
+            tasks.relative_weight_error(readouts, test.W_star))[0]
+      return out
+
+    def evaluate(model) -> dict:
+      P, Q = model.weights()
+      m = jax.device_get(_metrics(P, Q))
+      per_loop = [float(x) for x in m["test_error_per_loop"]]
+      result = {
+          "test_error": per_loop[-1],
+          "test_error_per_loop": per_loop,
+          "nonfinite_prompts": int(m["nonfinite_per_loop"][-1]),
+          "gd_error": gd_error,
+          "gd_ratio": per_loop[-1] / gd_error,
+          "gd_step_size": eta,
+          "weight_distance": float(m["weight_distance"]),
+          "gd_step_equivalent": float(m["gd_step_equivalent"]),
+      }
+      if vector_generation:
+        result["weight_error_per_loop"] = [float(x) for x in m["weight_error_per_loop"]]
+      return result
+
+    evaluate.gd_step_size = eta
+    return evaluate
+
+  def log_extras(self, rlog, step: int, model, metrics: dict) -> None:
+    """Heatmaps of the learned (P, Q) beside the GD construction at η*, moved to their scale."""
+    from loopicl.linear import plots
+    P, Q = (np.asarray(w, np.float64) for w in model.weights())
+    P_ref, Q_ref, _ = weights.construction_at_learned_scale(P, Q, int(self.task.d_out),
+                                                            metrics["gd_step_size"])
+    rlog.figure(step, "weights/P_Q_vs_construction", plots.weight_heatmaps(
+        P, Q, P_ref, Q_ref, title=f"step {step}: weight distance {metrics['weight_distance']:.3f}"))
+
+  def summary_lines(self, result: dict) -> list[str]:
+    if "test_error" not in result or "gd_error" not in result:
+      return []
+    verdict = "at or below" if result["gd_ratio"] <= 1.1 else "above"
+    lines = [f"   test error after T loops      {result['test_error']:.4e}",
+             f"   best constant-step GD error   {result['gd_error']:.4e} (eta={result['gd_step_size']:.4g})",
+             f"   ratio model/GD                {result['gd_ratio']:.3f}  ({verdict} GD within 10%)",
+             f"   weight distance to GD line    {result['weight_distance']:.3f}"]
+    if result.get("nonfinite_prompts"):
+      lines.append(f"   non-finite prompts            {result['nonfinite_prompts']}")
+    return lines
+
+  def report(self, workdir: str, model, step: int, *, loops_max: int | None = None,
+             num_prompts: int = 4096, log_tensorboard: bool = True, log=print) -> dict:
+    """`evaluation.analyze` of the checkpoint's (P, Q), written to `<workdir>/eval/` and logged
+    to the run's TensorBoard under `analysis/…` at `step`.
+
+    The trained T is the loop count the checkpoint was training at (`train.loops_at`:
+    model.loops once a loop curriculum is over); baselines are tuned at that T; loops_max
+    defaults to `default_loops_max(T)`.  Prompts come from `config.eval.seed` (fold_in 0:
+    reported prompts, fold_in 1: scans — the training evaluator's own derivation).
+    """
+    import os
+    from loopicl import train
+    from loopicl.linear import evaluation, plots
+    T = int(train.loops_at(self.config, step))
+    loops_max = default_loops_max(T) if loops_max is None else loops_max
+    P, Q = (np.asarray(w, np.float64) for w in model.weights())
+    report = evaluation.analyze(P, Q, self.task, trained_loops=T, loops_max=loops_max,
+                                num_prompts=num_prompts, seed=int(self.config.eval.seed))
+    report["run"] = {"workdir": os.path.abspath(workdir), "step": int(step),
+                     "parameterization": str(self.config.model.parameterization),
+                     "loops": int(self.config.model.loops)}
+    outdir = os.path.join(workdir, "eval")
+    figures = plots.all_figures(report)
+    evaluation.write_report(report, outdir, P, Q, figures=figures)
+    if log_tensorboard:
+      evaluation.log_to_tensorboard(report, figures, workdir, step)
+    log(f"wrote {outdir}/report.md (step {step}, T={T}, loops 1..{loops_max}, "
+        f"{num_prompts} prompts, {report['seconds']:.1f} s)")
+    for line in report["findings"]:
+      log(f"  - {line}")
+    return report
