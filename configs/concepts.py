@@ -6,15 +6,10 @@ with the logistic loss on prompts whose words are sparse sums of concept vectors
   python scripts/train.py --config configs/concepts.py --workdir runs/concepts
   python scripts/evaluate.py --workdir runs/concepts
 """
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(__file__))
-import default  # noqa: E402
-
-from loopicl.concepts import task as concepts  # noqa: E402
+from configs import default
+from loopicl.concepts import task as concepts
 
 
 def get_config():

@@ -5,11 +5,7 @@ Well-conditioned isotropic data at n = O(d) examples, where T loops of GD reach 
   python scripts/train.py --config configs/paper.py --workdir runs/paper
   python scripts/train.py --config configs/paper.py --workdir runs/paper_vg --config.task.kind=vector_generation
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import default  # noqa: E402  (configs/ is not a package; variants import the default by path)
+from configs import default
 
 
 def get_config():

@@ -10,22 +10,9 @@ resumes (finished points in <workdir>/points/ are skipped).
 
   python scripts/reproduce.py --config configs/reproduce.py --workdir runs/reproduce
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _sibling(filename):
-  """Loads configs/<filename> by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
-  spec = importlib.util.spec_from_file_location("loopicl_config_" + filename[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-default = _sibling("default.py")
+from configs import default
 
 
 def experiment() -> ml_collections.ConfigDict:

@@ -7,20 +7,7 @@ point, split over 2 host CPU devices.
 
   python scripts/reproduce.py --config configs/reproduce_quick.py --workdir runs/reproduce_quick
 """
-import importlib.util
-import os
-
-
-def _sibling(filename):
-  """Loads configs/<filename> by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), filename)
-  spec = importlib.util.spec_from_file_location("loopicl_config_" + filename[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-reproduce = _sibling("reproduce.py")
+from configs import reproduce
 
 
 def get_config():

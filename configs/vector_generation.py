@@ -2,11 +2,7 @@
 
   python scripts/train.py --config configs/vector_generation.py --workdir runs/vg
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import default  # noqa: E402
+from configs import default
 
 
 def get_config():

@@ -106,3 +106,19 @@ def test_cli_errors_are_one_line(tmp_path, run_dir, args, expected):
   assert "Traceback" not in out.stderr
   lines = out.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and expected in lines[-1], out.stderr
+
+
+def test_evaluating_a_run_builds_no_kernel(run_dir, monkeypatch):
+  """The run's config asks for model.kernel='auto' (the fused CPU kernel on this machine), but
+  evaluation only reads the weights: resolving, building or calling the kernel is an error."""
+  from loopicl import kernels
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("evaluating a run touched the fused kernel")
+
+  monkeypatch.setattr(kernels, "lanes", refuse)
+  monkeypatch.setattr(kernels, "fused_readouts", refuse)
+  assert run.load_config(run_dir).model.kernel == "auto"
+  report = run.evaluate_run(run_dir, loops_max=3, num_prompts=32, log_tensorboard=False,
+                            log=lambda *a: None)
+  assert report["trained_loops"] == 2 and report["run"]["step"] == STEP
