@@ -1,21 +1,19 @@
-"""Command-line entry points (scripts/*.py and the console scripts call these).
+"""Command-line entry points: every script in scripts/ (and each console script) calls one of these.
 
-Errors a user can fix (a bad config field, an incompatible workdir, a non-finite loss) are
-printed as one line on stderr with exit status 2 (config) or 1 (run) — never a traceback.
+Shared plumbing: absl flags with `--config` as an ml_collections config file, flag errors and
+errors a user can fix (a bad config field, an incompatible workdir, a non-finite loss) printed
+as one line on stderr with exit status 2 (config, flags) or 1 (run) — never a traceback.
+Heavy imports (JAX, Orbax) happen inside the mains, after the flags are parsed.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-
-def _train_flags():
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.", required=True)
-  flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
-  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                  lock_config=True)
+TRAIN_USAGE = "--config=<file> --workdir=<dir> --config.<section>.<field>=<value> (fields of the config file)"
 
 
 def fail(message: str, status: int = 2):
@@ -23,21 +21,8 @@ def fail(message: str, status: int = 2):
   sys.exit(status)
 
 
-def _train_main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; allowed: --config, --workdir, --config.<field>=<value>", 2)
-  from loopicl import errors, run, train
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
-  FLAGS = flags.FLAGS
-  if FLAGS.config is None:
-    fail("--config is required; allowed: a config file such as configs/default.py", 2)
-  try:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-  except errors.ConfigError as e:
-    fail(str(e), 2)
-  except errors.RunError as e:
-    fail(str(e), 1)
-  print(run.summary(result, FLAGS.config))
+def one_line(e: BaseException) -> str:
+  return " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
 
 
 def _flags_parser(allowed: str):
@@ -46,30 +31,72 @@ def _flags_parser(allowed: str):
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # flags.Error, or AttributeError/KeyError/TypeError from config_flags
-      message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
-      fail(f"bad command-line flag ({message}); allowed: {allowed}", 2)
+      fail(f"bad command-line flag ({one_line(e)}); allowed: {allowed}", 2)
   return parse
+
+
+def _config_flag(help_text: str) -> None:
+  config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+
+
+def _loaded_config(allowed: str):
+  """FLAGS.config, loaded (config_flags loads lazily: a missing or broken file fails here)."""
+  config = flags.FLAGS.config
+  if config is None:
+    fail(f"--config is required; allowed: {allowed}", 2)
+  try:
+    config.keys()
+  except Exception as e:
+    fail("cannot load --config: " + one_line(e), 2)
+  return config
+
+
+def _no_arguments(argv, allowed: str) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; allowed: {allowed}", 2)
+
+
+def _run(main, allowed: str) -> None:
+  app.run(main, flags_parser=_flags_parser(allowed))
+
+
+# -- scripts/train.py -----------------------------------------------------------------------------
+
+def _train_main(argv):
+  _no_arguments(argv, "--config, --workdir, --config.<field>=<value>")
+  from loopicl import errors, run, train
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
+  config = _loaded_config("a config file such as configs/default.py")
+  try:
+    result = train.train_and_evaluate(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
+  except errors.ConfigError as e:
+    fail(str(e), 2)
+  except errors.RunError as e:
+    fail(str(e), 1)
+  print(run.summary(result, config))
 
 
 def run_train():
   """Entry point of scripts/train.py (console script loopicl-train)."""
-  _train_flags()
-  app.run(_train_main, flags_parser=_flags_parser(
-      "--config=<file> --workdir=<dir> --config.<section>.<field>=<value> (fields of the config file)"))
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.", required=True)
+  flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+  _config_flag("Experiment config file (configs/*.py).")
+  _run(_train_main, TRAIN_USAGE)
 
+
+# -- scripts/evaluate.py --------------------------------------------------------------------------
 
 def _evaluate_main(argv):
+  _no_arguments(argv, "--workdir, --loops_max, --num_prompts")
   from loopicl import errors, run
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; allowed: --workdir, --loops_max, --num_prompts", 2)
   if not FLAGS.workdir:
     fail("--workdir is required; allowed: a run directory written by scripts/train.py", 2)
   logging.set_verbosity(logging.WARNING)
   try:
     run.evaluate_run(FLAGS.workdir, FLAGS.loops_max, FLAGS.num_prompts)
   except (errors.RunError, ValueError) as e:
-    fail(" ".join(str(e).split()), 2)
+    fail(one_line(e), 2)
 
 
 def run_evaluate():
@@ -77,5 +104,115 @@ def run_evaluate():
   flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).")
   flags.DEFINE_integer("loops_max", None, "Evaluate loops 1..loops_max (default: max(2·T, 40)).")
   flags.DEFINE_integer("num_prompts", 4096, "Held-out prompts the errors are reported on.")
-  app.run(_evaluate_main, flags_parser=_flags_parser(
-      "--workdir=<run dir> --loops_max=<int >= T> --num_prompts=<int >= 1>"))
+  _run(_evaluate_main, "--workdir=<run dir> --loops_max=<int >= T> --num_prompts=<int >= 1>")
+
+
+# -- scripts/benchmark.py -------------------------------------------------------------------------
+
+def _config_flags(args: list[str]) -> list[str]:
+  """--config and its --config.* overrides from the command line, as --flag=value (for children)."""
+  out, i = [], 0
+  while i < len(args):
+    arg = args[i]
+    if arg == "--config" or (arg.startswith("--config.") and "=" not in arg):
+      if i + 1 < len(args):
+        out.append(f"{arg}={args[i + 1]}")
+      i += 2
+      continue
+    if arg.startswith("--config=") or arg.startswith("--config."):
+      out.append(arg)
+    i += 1
+  return out
+
+
+def _benchmark_main(argv):
+  _no_arguments(argv, "--config, --config.<field>=<value>, flags")
+  FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)
+  config = _loaded_config("a config file such as configs/default.py")
+  from loopicl import config as config_lib, distributed, errors
+  from loopicl.experiments import benchmark, benchmark_modes
+  try:
+    config_lib.validate(config)
+    distributed.maybe_initialize(config)  # before any JAX computation: cpu_devices, multi-host
+    ns = [int(n) for n in FLAGS.scaling_ns]
+    counts = [int(k) for k in FLAGS.fake_devices]
+  except (errors.ConfigError, ValueError) as e:
+    fail(str(e))
+  say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if FLAGS.json else print
+  try:
+    result = benchmark.throughput(config, repeats=FLAGS.repeats, naive=FLAGS.naive,
+                                  peak=FLAGS.peak, xla_flops=FLAGS.xla_flops,
+                                  compare_xla=FLAGS.compare_xla)
+    base_flags = _config_flags(sys.argv[1:])
+    if FLAGS.n_scaling:
+      say("n scaling …")
+      result["n_scaling"] = benchmark_modes.n_scaling(
+          config, ns, batch=FLAGS.scaling_batch, textbook_max_bytes=FLAGS.textbook_max_gb * 1e9,
+          log=say)
+    if FLAGS.remat_memory:
+      say("remat memory …")
+      result["remat_memory"] = benchmark_modes.remat_memory(config, base_flags, log=say)
+    if counts:
+      say("host devices …")
+      result["fake_devices"] = benchmark_modes.fake_devices(base_flags, counts,
+                                                            repeats=FLAGS.repeats, log=say)
+  except (errors.ConfigError, ValueError, RuntimeError) as e:
+    fail(one_line(e), 1)
+  print(benchmark_modes.format_report(result))
+  if FLAGS.json:
+    print(json.dumps(result, sort_keys=True))
+
+
+def run_benchmark():
+  """Entry point of scripts/benchmark.py (console script loopicl-benchmark)."""
+  _config_flag("Experiment config file (configs/*.py).")
+  flags.DEFINE_bool("json", False, "Print every number as one JSON object on the last line.")
+  flags.DEFINE_integer("repeats", 5, "Timed chunks (of train.steps_per_call steps) per measurement.")
+  flags.DEFINE_bool("naive", True, "Also time the other attention form (textbook, O(n²·D)).")
+  flags.DEFINE_bool("compare_xla", True, "With the fused CPU kernel in use, also time the plain XLA step.")
+  flags.DEFINE_bool("peak", True, "Time a 2048² float32 matmul for the peak fraction.")
+  flags.DEFINE_bool("xla_flops", True, "Also report XLA's cost-analysis FLOPs of one step.")
+  flags.DEFINE_bool("n_scaling", False, "Time per step against n, both forms.")
+  flags.DEFINE_list("scaling_ns", ["40", "100", "250", "500", "1000", "2500", "5000"],
+                    "The n of the scaling curve.")
+  flags.DEFINE_integer("scaling_batch", 8, "Batch of the scaling curve (the textbook form is O(n²)).")
+  flags.DEFINE_float("textbook_max_gb", 2.0, "Skip textbook points whose attention needs more.")
+  flags.DEFINE_bool("remat_memory", False, "Memory with and without model.remat at T=100, d=20, n=80.")
+  flags.DEFINE_list("fake_devices", [], "Host device counts to compare, e.g. 1,2,4 (a subprocess each).")
+  _run(_benchmark_main, "--config=<file> --config.<field>=<value> --json --repeats=<int> … "
+                        "(scripts/benchmark.py --help)")
+
+
+# -- scripts/benchmark_sweep.py -------------------------------------------------------------------
+
+def _benchmark_sweep_main(argv):
+  _no_arguments(argv, "--config, --seeds, --steps, --loops, --cpu_devices")
+  FLAGS = flags.FLAGS
+  from loopicl import config as config_lib, distributed, errors
+  try:
+    distributed.set_cpu_devices(FLAGS.cpu_devices)  # before any JAX computation
+    config = _loaded_config("a config file such as configs/default.py")
+    config.train.steps = FLAGS.steps
+    if FLAGS.loops:
+      config.model.loops = FLAGS.loops
+    config_lib.validate(config)
+  except errors.ConfigError as e:
+    fail(str(e))
+  from loopicl.experiments import sweep_benchmark
+  sweep_benchmark.compare(config, list(range(FLAGS.seeds)), log=lambda s: print(s, flush=True))
+
+
+def run_benchmark_sweep():
+  """Entry point of scripts/benchmark_sweep.py."""
+  import os
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                         "default.py")
+  config_flags.DEFINE_config_file("config", default, "Experiment config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_integer("seeds", 8, "K, the number of seeds.", lower_bound=1)
+  flags.DEFINE_integer("steps", 300, "Training steps of every seed.", lower_bound=1)
+  flags.DEFINE_integer("loops", None, "model.loops (default: the config's).", lower_bound=1)
+  flags.DEFINE_integer("cpu_devices", 0, "Host CPU devices (0: one).", lower_bound=0)
+  _run(_benchmark_sweep_main, "--config=<file> --seeds=<int> --steps=<int> --loops=<int> "
+                              "--cpu_devices=<int>")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import benchmark, run, train
+from loopicl import run, train
+from loopicl.experiments import benchmark
 from loopicl.linear.model import loop_readouts
 from tests.test_train import DEFAULT_CONFIG, ROOT, TINY_OVERRIDES, tiny_config
 

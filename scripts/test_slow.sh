@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The heavier checks the default test run leaves out (pytest -m slow): the concept recipe reaching
+# its targets, a long sharded run, every benchmark mode.  About 10-20 minutes on a 2-core CPU.
+#   bash scripts/test_slow.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-.venv/bin/python}"
+exec "$python" -m pytest -m slow "$@"
