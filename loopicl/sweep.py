@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from loopicl import config as config_lib, family as family_lib, train
+from loopicl import config as config_lib, family as family_lib, stats, train
 
 
 def init_states(family, tx, seeds):
@@ -127,10 +127,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
       chunk = chunks[loops] = make_sweep_chunk(family, model_def, tx,
                                                int(config.train.batch_size), loops, mesh)
     states, bad, metrics = chunk(states, bad, jnp.int32(first), length)
-    losses = np.asarray(metrics["loss"], np.float64)                        # [K, length]
-    finite = np.isfinite(losses)
-    curve.append(np.where(finite.any(1), np.where(finite, losses, 0).sum(1) / np.maximum(finite.sum(1), 1),
-                          np.nan))
+    curve.append(stats.finite_mean(np.asarray(metrics["loss"], np.float64))[0])  # [K]
     if log is not None and time.time() - last_log > log_every_s:
       last_log = time.time()
       alive = int(np.sum(np.asarray(bad) < 0))

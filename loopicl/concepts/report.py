@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from loopicl import jsonfile, stats
 from loopicl.concepts import model as concept_model
 
 
@@ -49,13 +50,12 @@ def geometric_rate(steps, zero_one, floor: float = 0.0) -> dict:
   below = zero_one <= floor
   first_zero = np.argmax(below) if np.any(below) else len(zero_one)
   s, z = steps[:first_zero], zero_one[:first_zero]
-  keep = np.isfinite(z) & (z > 0)
-  s, z = s[keep], z[keep]
-  if len(s) < 2:
-    return {"rate_per_step": float("nan"), "rate_per_1000_steps": float("nan"), "points": int(len(s))}
-  slope = np.polyfit(s, np.log(z), 1)[0]
+  points = int(np.sum(np.isfinite(z) & (z > 0)))
+  slope = stats.log_linear_slope(s, z)
+  if slope is None:
+    return {"rate_per_step": float("nan"), "rate_per_1000_steps": float("nan"), "points": points}
   return {"rate_per_step": float(math.exp(slope)), "rate_per_1000_steps": float(math.exp(1000 * slope)),
-          "points": int(len(s))}
+          "points": points}
 
 
 def curves(records: list[dict]) -> dict:
@@ -136,18 +136,7 @@ def analyze(config, model, step: int, workdir: str, num_prompts: int) -> dict:
 
 def write(report: dict, outdir: str, figs: dict) -> None:
   os.makedirs(outdir, exist_ok=True)
-
-  def clean(x):
-    if isinstance(x, dict):
-      return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-      return None
-    return x
-
-  with open(os.path.join(outdir, "report.json"), "w") as f:
-    json.dump(clean(report), f, indent=1, sort_keys=True)
+  jsonfile.write(os.path.join(outdir, "report.json"), report, indent=1, sort_keys=True)
   lines = [f"# Concept ICL evaluation (step {report['step']}, {report['num_prompts']} prompts)", "",
            "| prompts | 0-1 loss | cross-entropy |", "|---|---|---|",
            f"| in distribution | {report['test_zero_one']:.4g} | {report['test_cross_entropy']:.4g} |"]
