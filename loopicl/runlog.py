@@ -1,6 +1,7 @@
 """Everything a run writes for people to read: TensorBoard events, metrics.jsonl, a progress bar.
 
-TensorBoard files are written with tensorboardX (no TensorFlow).  `metrics.jsonl` holds one JSON
+`RunLog` is the one TensorBoard writer (training, the linear report and the concept report all
+log through it), with tensorboardX (no TensorFlow).  `metrics.jsonl` holds one JSON
 object per evaluation; on resume, lines from steps after the restored checkpoint (written by the
 interrupted process after its last save) are dropped, so a resumed run's file is identical to an
 uninterrupted run's.  Only process 0 writes (multi-host runs).
@@ -55,10 +56,10 @@ class RunLog:
       if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
         self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
 
-  def figure(self, step: int, tag: str, fig) -> None:
+  def figure(self, step: int, tag: str, fig, close: bool = True) -> None:
     if self._writer is None:
       return
-    self._writer.add_figure(tag, fig, global_step=step, close=True)
+    self._writer.add_figure(tag, fig, global_step=step, close=close)
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self._writer is not None:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl.linear import construction, evaluation, model as model_lib, plots, tasks
+from loopicl.linear import construction, evaluation, model as model_lib, plots, tasks, weights
+from loopicl.linear import report as report_lib
 from tests import numpy_reference as ref
 
 D_IN, D_OUT, M, N = 4, 1, 4, 12  # m = d: vector generation shares every compiled shape
@@ -61,7 +62,7 @@ def test_construction_is_exactly_gd(gd_report):
   assert r["gd_step_size"] == pytest.approx(eta, rel=1e-12)  # the scan prompts are as documented
   assert json.loads(json.dumps(r, allow_nan=False)) == r  # plain JSON as returned, no cleaning needed
   assert r["loops"] == list(range(1, L + 1))
-  for key in evaluation.PER_LOOP_KEYS:
+  for key in report_lib.PER_LOOP_KEYS:
     assert len(r[key]) == L, key
   assert r["weight_distance"] < 1e-7 and r["offblock_fraction"] < 1e-7
   assert r["gd_step_equivalent"] == pytest.approx(eta, rel=1e-12)
@@ -202,11 +203,11 @@ def test_nearest_on_orbit_matches_brute_force():
   rng = np.random.default_rng(4)
   Pc, Qc = _construction(0.4)
   for c_true in (-2.5, 0.3, 4.0):
-    assert evaluation.nearest_on_orbit(c_true * Pc, Qc / c_true, Pc, Qc) == pytest.approx(c_true, rel=1e-9)
+    assert weights.nearest_on_orbit(c_true * Pc, Qc / c_true, Pc, Qc) == pytest.approx(c_true, rel=1e-9)
   PL, QL = Pc * 1.7 + 0.2 * rng.standard_normal(Pc.shape), Qc / 1.7 + 0.2 * rng.standard_normal(Qc.shape)
   grid = np.concatenate([-np.geomspace(1e-2, 1e2, 40001), np.geomspace(1e-2, 1e2, 40001)])
   cost = [np.sum((PL - c * Pc) ** 2) + np.sum((QL - Qc / c) ** 2) for c in grid]
-  c = evaluation.nearest_on_orbit(PL, QL, Pc, Qc)
+  c = weights.nearest_on_orbit(PL, QL, Pc, Qc)
   assert c == pytest.approx(grid[int(np.argmin(cost))], rel=1e-3)
   assert np.sum((PL - c * Pc) ** 2) + np.sum((QL - Qc / c) ** 2) <= min(cost) + 1e-12
 
@@ -261,7 +262,7 @@ def _check_figures_match(figs, report):
 
 def test_report_json_holds_every_plotted_number(gd_report, tmp_path):
   _, P, Q, r = gd_report
-  paths = evaluation.write_report(r, str(tmp_path), P, Q)
+  paths = report_lib.write_report(r, str(tmp_path), P, Q)
   with open(paths["json"]) as f:
     loaded = json.load(f)
   for name in plots.FIGURES:
@@ -303,10 +304,10 @@ def test_nonfinite_prompts_do_not_break_the_report(gd_report, tmp_path):
   assert r["model_error"][-1] == pytest.approx(np.mean(err[np.isfinite(err)]), rel=1e-6)
   median = np.median(np.where(np.isnan(err), np.inf, err))
   assert (r["model_error_median"][-1] is None) == (not np.isfinite(median))
-  assert all(v is None or math.isfinite(v) for k in evaluation.PER_LOOP_KEYS for v in r[k])
+  assert all(v is None or math.isfinite(v) for k in report_lib.PER_LOOP_KEYS for v in r[k])
   assert any("non-finite" in f for f in r["findings"])
   json.dumps(r, allow_nan=False)
-  paths = evaluation.write_report(r, str(tmp_path / "a"), P1, Q1)
+  paths = report_lib.write_report(r, str(tmp_path / "a"), P1, Q1)
   json.load(open(paths["json"]))  # valid JSON (allow_nan=False when writing)
 
   # Entirely non-finite weights: every mean is null, every count is num_prompts, still no exception.
@@ -315,7 +316,7 @@ def test_nonfinite_prompts_do_not_break_the_report(gd_report, tmp_path):
   assert r["model_error"] == [None] * L and r["model_error_nonfinite"] == [PROMPTS] * L
   assert r["weight_distance"] is None and r["preconditioner_eigenvalues_real"] == []
   assert r["gd_error"][0] is not None  # baselines are unaffected
-  paths = evaluation.write_report(r, str(tmp_path / "b"))
+  paths = report_lib.write_report(r, str(tmp_path / "b"))
   assert json.load(open(paths["json"]))["model_error"] == [None] * L
 
 
@@ -334,14 +335,14 @@ def test_vector_generation_weight_error():
   np.testing.assert_allclose(r["model_error"], [np.mean((W[t] - Ws) ** 2) for t in range(1, L + 1)],
                              rtol=1e-10)
   np.testing.assert_allclose(r["pgd_error"], r["gd_error"], rtol=1e-12)  # Σ = I: the same baseline
-  assert "model ||Ŵ−W*||/||W*||" in evaluation.report_markdown(r)
+  assert "model ||Ŵ−W*||/||W*||" in report_lib.report_markdown(r)
 
 
 def test_tensorboard_logging(gd_report, tmp_path):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   _, _, _, r = gd_report
   figs = {"errors": plots.error_vs_loops(r)}
-  evaluation.log_to_tensorboard(r, figs, str(tmp_path), step=7)
+  report_lib.log_to_tensorboard(r, figs, str(tmp_path), step=7)
   acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
   acc.Reload()
   tags = acc.Tags()

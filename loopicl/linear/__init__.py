@@ -7,6 +7,8 @@
   weights.py       scale-invariant comparison of (P, Q) with the construction
   training.py      the GD warm start and the construction phase of the optimizer
   family.py        the family: schema, loss, training-time evaluator, summary (registered)
-  evaluation.py    the offline report of learned weights against GD and its baselines
+  evaluation.py    the offline report: per-prompt metrics against GD, `analyze` assembles it
+  baselines.py     the baselines' tuned knobs on separate scan prompts (η*, c*·Σ⁻¹, ridge λ*)
+  report.py        the weight report, plain-language findings, report.json/.md, TensorBoard
   plots.py         the report's figures and the one weight heatmap
 """

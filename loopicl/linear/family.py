@@ -4,7 +4,7 @@ Serves `linear_regression` and `vector_generation`.  The model is `LoopedLinearT
 (optionally warm-started at the GD construction), the loss the query MSE over the last
 `train.loss_loops` loops (optionally each divided by GD's error after as many steps), the
 training-time evaluator the per-loop query error next to GD with the best constant step, and the
-offline report `linear/evaluation.py` (scripts/evaluate.py).
+offline report of `linear/evaluation.py` (scripts/evaluate.py).
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ class LinearFamily(family_lib.Family):
     """
     import os
     from loopicl import train
-    from loopicl.linear import evaluation, plots
+    from loopicl.linear import evaluation, plots, report as report_lib
     T = int(train.loops_at(self.config, step))
     loops_max = default_loops_max(T) if loops_max is None else loops_max
     P, Q = (np.asarray(w, np.float64) for w in model.weights())
@@ -216,9 +216,9 @@ class LinearFamily(family_lib.Family):
                      "loops": int(self.config.model.loops)}
     outdir = os.path.join(workdir, "eval")
     figures = plots.all_figures(report)
-    evaluation.write_report(report, outdir, P, Q, figures=figures)
+    report_lib.write_report(report, outdir, P, Q, figures=figures)
     if log_tensorboard:
-      evaluation.log_to_tensorboard(report, figures, workdir, step)
+      report_lib.log_to_tensorboard(report, figures, workdir, step)
     log(f"wrote {outdir}/report.md (step {step}, T={T}, loops 1..{loops_max}, "
         f"{num_prompts} prompts, {report['seconds']:.1f} s)")
     for line in report["findings"]:
