@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.unroll = 1           # lax.scan unroll factor over loops
   config.model.form = "reassociated"  # reassociated: P (Z M Zᵀ) Q Z, O(n·D²) | textbook: O(n²·D) (benchmarks)
   config.model.kernel = "auto"      # xla: plain JAX | cpu: fused C++ loop kernel (jax.ffi, ~7x on a CPU) |
-                                    # auto: cpu on one CPU device in float32, else xla (loopicl/model.py)
+                                    # auto: cpu on one CPU device in float32, else xla (loopicl/linear/model.py)
   config.model.kernel_threads = 0   # threads of the cpu kernel (0: XLA's intra-op pool + 1)
 
   # Optimisation. Tasks are sampled fresh every step from fold_in(key(seed), step).

@@ -1,6 +1,6 @@
 """The loop as one fused CPU kernel (`model.kernel = "cpu"`): build, register, differentiate.
 
-`looped_attention.cc` computes the same T loops as `loopicl.model.loop_readouts` (reassociated
+`looped_attention.cc` computes the same T loops as `loopicl.linear.model.loop_readouts` (reassociated
 form) and their backward pass, with the batch as the SIMD lane; see its header for why.  This
 module compiles it on first use with the machine's C++ compiler (`-O3 -march=native`, so the
 library is built for, and cached per, the CPU it runs on), registers its two handlers with XLA

@@ -1,6 +1,6 @@
 // The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI).
 //
-// Same math as loopicl/model.py (reassociated form), per prompt and loop t:
+// Same math as loopicl/linear/model.py (reassociated form), per prompt and loop t:
 //
 //   C = Z[:, :n]                    context columns                     [D, n]
 //   G = C Cᵀ                        Z M Zᵀ (symmetric)                  [D, D]
