@@ -216,3 +216,61 @@ def run_benchmark_sweep():
   flags.DEFINE_integer("cpu_devices", 0, "Host CPU devices (0: one).", lower_bound=0)
   _run(_benchmark_sweep_main, "--config=<file> --seeds=<int> --steps=<int> --loops=<int> "
                               "--cpu_devices=<int>")
+
+
+# -- scripts/reproduce.py -------------------------------------------------------------------------
+
+REPRODUCE_CONFIGS = "configs/reproduce.py | configs/reproduce_quick.py"
+
+
+def _reproduce_config():
+  """--config loaded and validated as a reproduce config (one-line errors)."""
+  from loopicl import errors
+  from loopicl.experiments import reproduce
+  config = _loaded_config(REPRODUCE_CONFIGS)
+  try:
+    reproduce.validate(config)
+  except (reproduce.GridError, errors.ConfigError) as e:
+    fail(str(e))
+  except (AttributeError, KeyError, TypeError) as e:  # not a reproduce config (missing fields)
+    fail(f"--config is not a reproduce config ({one_line(e)}); allowed: {REPRODUCE_CONFIGS}")
+  return config
+
+
+def _reproduce_main(argv):
+  _no_arguments(argv, "--config, --workdir, --config.<field>=<value>")
+  if not flags.FLAGS.workdir:
+    fail("--workdir is required; allowed: a directory path (created if missing)")
+  logging.set_verbosity(logging.WARNING)
+  config = _reproduce_config()
+  from loopicl.experiments import reproduce
+  reproduce.run(config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
+
+
+def run_reproduce():
+  """Entry point of scripts/reproduce.py (console script loopicl-reproduce)."""
+  flags.DEFINE_string("workdir", None, "Directory for points/, results.csv, summary.md, figures.")
+  _config_flag(f"Reproduce config ({REPRODUCE_CONFIGS}).")
+  _run(_reproduce_main, "--config=<file> --workdir=<dir> --config.<section>.<field>=<value>")
+
+
+# -- scripts/large_t_recipes.py -------------------------------------------------------------------
+
+def _large_t_main(argv):
+  _no_arguments(argv, "--workdir, --recipes")
+  from loopicl.experiments import large_t
+  FLAGS = flags.FLAGS
+  unknown = [r for r in FLAGS.recipes if r not in large_t.RECIPES]
+  if unknown:
+    fail(f"--recipes={','.join(unknown)} is invalid; allowed: {' | '.join(large_t.RECIPES)}")
+  logging.set_verbosity(logging.WARNING)
+  large_t.run(FLAGS.workdir, FLAGS.recipes, log=lambda s: print(s, flush=True))
+
+
+def run_large_t_recipes():
+  """Entry point of scripts/large_t_recipes.py."""
+  from loopicl.experiments import large_t
+  flags.DEFINE_string("workdir", None, "Directory with one reproduce workdir per recipe.",
+                      required=True)
+  flags.DEFINE_list("recipes", list(large_t.RECIPES), "Recipes to run, comma separated.")
+  _run(_large_t_main, "--workdir=<dir> --recipes=<name,...>")

@@ -71,9 +71,9 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   assert all(np.isfinite(float(r["error"])) or r["diverged"] == "1" for r in trained)
   # The vectorised best-step search is construction.best_constant_step, for every T at once.
   with jax.enable_x64(True):
-    task = reproduce._task(config, "linear_regression", 3, 12, 1.0)
+    task = reproduce.task_config(config, "linear_regression", 3, 12, 1.0)
     _, scan = reproduce.eval_prompts(task, config.grid.eval_seed, 0, 256)
-    etas, _ = reproduce.best_constant_steps(scan.X, scan.Y, scan.X_query, scan.targets, [2, 6])
+    etas, _ = construction.best_constant_steps(scan.X, scan.Y, scan.X_query, scan.targets, [2, 6])
     ref, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=6)
     assert etas[1] == pytest.approx(ref, rel=1e-9)
   assert (tmp_path / "summary.md").exists()
@@ -94,8 +94,8 @@ def test_condition_settings_train_in_their_own_mode():
   config.grid.condition_train_mode = "per_loops"
   trained = [p for p in reproduce.points(config) if p["method"] == "trained"]
   assert [p["loops"] for p in trained if p["kappa"] == 10.0] == [[config.grid.fixed_loops]]
-  conditioned = reproduce._experiment(config, "linear_regression", 3, 12, 10.0, 2).train
-  isotropic = reproduce._experiment(config, "linear_regression", 3, 12, 1.0, 4).train
+  conditioned = reproduce.experiment_config(config, "linear_regression", 3, 12, 10.0, 2).train
+  isotropic = reproduce.experiment_config(config, "linear_regression", 3, 12, 1.0, 4).train
   assert (conditioned.loss_loops, conditioned.loss_normalization) == (1, "none")
   assert (isotropic.loss_loops, isotropic.loss_normalization) == (4, "gd")
   for p in reproduce.points(config):

@@ -7,7 +7,9 @@ With P = [[0,0],[0,I]] and Q = [[−A,0],[0,0]] the looped transformer computes,
 i.e. preconditioned gradient descent on L(W) = (1/2n)||W X − Y||_F² (A = η·I: plain GD), and
 its read-out after t loops is W_t X_query.  This module builds those weights and the references
 that a learned model is compared with: GD iterates, least squares, ridge, the per-prompt optimal
-step, the best constant step over a batch of prompts, and the convergence-rate bound.
+step, the best constant step over a batch of prompts (for one T, or for many T at once), and the
+convergence-rate bound.  One GD step loop (`_gd_scan`, on Σ̂ and Y Xᵀ / n) serves both the
+iterates and `gd_errors`: any error of W_t after every step t, for many step sizes at once.
 
 Shapes: X [batch, d, n], Y [batch, d_out, n], X_query [batch, d, m], W [batch, d_out, d].
 """
@@ -62,6 +64,21 @@ def empirical_covariance(X: jax.Array) -> jax.Array:
   return X @ jnp.swapaxes(X, -1, -2) / X.shape[-1]
 
 
+def _sufficient_statistics(X: jax.Array, Y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Σ̂ = X Xᵀ / n [batch, d, d], b = Y Xᵀ / n [batch, d_out, d]): all that GD on a prompt needs,
+  so that a step costs O(d²) instead of O(d·n)."""
+  return empirical_covariance(X), Y @ jnp.swapaxes(X, -1, -2) / X.shape[-1]
+
+
+def _gd_scan(W0, sigma_hat, b, direction, observe, *, steps: int):
+  """The one GD step loop: W_{t+1} = W_t − direction(W_t Σ̂ − b) from W0; observe(W_t) for
+  t = 1..steps, stacked on a leading axis."""
+  def step(W, _):
+    W = W - direction(W @ sigma_hat - b)
+    return W, observe(W)
+  return jax.lax.scan(step, W0, length=steps)[1]
+
+
 def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
                 preconditioner=None) -> jax.Array:
   """W_0 = 0, …, W_T of (preconditioned) GD on (1/2n)||W X − Y||²: [T + 1, batch, d_out, d].
@@ -69,7 +86,7 @@ def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
   `step_size` may be a scalar or a [batch] array (one step per prompt).
   """
   model_lib._check_positive_int("steps", steps)
-  d, n = X.shape[-2], X.shape[-1]
+  d = X.shape[-2]
   if preconditioner is None:
     if step_size is None:
       raise ValueError("step_size/preconditioner: give exactly one; allowed: step_size=<number > 0 "
@@ -78,16 +95,9 @@ def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
     A = eta[..., None, None] * jnp.eye(d, dtype=X.dtype)
   else:
     A = _preconditioner(d, step_size, preconditioner, X.dtype)
-  # Work with the d × d sufficient statistics: same iterates, O(d²) per step instead of O(d·n).
-  sigma_hat = empirical_covariance(X)                      # [batch, d, d]
-  b = Y @ jnp.swapaxes(X, -1, -2) / n                      # Y Xᵀ / n: [batch, d_out, d]
-
-  def step(W, _):
-    W = W - (W @ sigma_hat - b) @ A
-    return W, W
-
+  sigma_hat, b = _sufficient_statistics(X, Y)
   W0 = jnp.zeros(Y.shape[:-1] + (d,), X.dtype)
-  _, Ws = jax.lax.scan(step, W0, length=steps)
+  Ws = _gd_scan(W0, sigma_hat, b, lambda g: g @ A, lambda W: W, steps=steps)
   return jnp.concatenate([W0[None], Ws], axis=0)
 
 
@@ -182,14 +192,29 @@ def zoom_minimize(errors_of, grid, *, done, refine) -> tuple[float, float]:
   is returned, or becomes the next grid refine(lo, hi).  A non-finite best error stops at once.
   Returns (argmin, min error) as Python floats.
   """
-  grid = np.asarray(grid)
-  while True:
-    errors = np.asarray(errors_of(grid))
-    i = int(np.argmin(errors))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    if done(lo, grid[i], hi) or not np.isfinite(errors[i]):
-      return float(grid[i]), float(errors[i])
-    grid = refine(lo, hi)
+  return zoom_minimize_many(lambda grids: {0: errors_of(grids[0])}, {0: grid},
+                            done=done, refine=refine)[0]
+
+
+def zoom_minimize_many(errors_of, grids: dict, *, done, refine) -> dict:
+  """`zoom_minimize` for several searches at once, so that one call can evaluate them all.
+
+  grids: {key: first grid}; errors_of({key: grid}) -> {key: errors}, called once per round with
+  the grids of the searches still zooming.  Returns {key: (argmin, min error)}.
+  """
+  best = {}
+  grids = {k: np.asarray(g) for k, g in grids.items()}
+  while grids:
+    errors, zoom = errors_of(grids), {}
+    for k, grid in grids.items():
+      e = np.asarray(errors[k])
+      i = int(np.argmin(e))
+      lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+      best[k] = (float(grid[i]), float(e[i]))
+      if not (done(lo, grid[i], hi) or not np.isfinite(e[i])):
+        zoom[k] = np.asarray(refine(lo, hi))
+    grids = zoom
+  return best
 
 
 def best_constant_step(X, Y, X_query, targets, *, steps: int, rel_tol: float = 1e-4,
@@ -202,10 +227,76 @@ def best_constant_step(X, Y, X_query, targets, *, steps: int, rel_tol: float = 1
   `rel_tol`·η — far finer than the 3 significant digits a baseline needs.
   Returns (η, error at η) as Python floats.
   """
+  grid, rule = _step_search(X, grid_points, rel_tol)
+  return zoom_minimize(
+      lambda grid: gd_query_error(X, Y, X_query, targets, steps=steps, step_sizes=grid), grid, **rule)
+
+
+_ZOOM_POINTS = 17
+
+
+def _step_search(X, grid_points: int, rel_tol: float) -> tuple[np.ndarray, dict]:
+  """The best-constant-step search: its first grid, a log grid over [1e-4·η_hi, η_hi], and its
+  zoom rule (done, refine) for `zoom_minimize`: _ZOOM_POINTS across the best point's bracket until
+  the bracket is narrower than rel_tol·η."""
   _, lam_max = covariance_extremes(X)
   hi = 4.0 / float(jnp.min(lam_max))
-  return zoom_minimize(
-      lambda grid: gd_query_error(X, Y, X_query, targets, steps=steps, step_sizes=grid),
-      np.geomspace(1e-4 * hi, hi, grid_points),
+  return np.geomspace(1e-4 * hi, hi, grid_points), dict(
       done=lambda lo, best, hi: hi - lo <= rel_tol * best,
-      refine=lambda lo, hi: np.linspace(lo, hi, 17))
+      refine=lambda lo, hi: np.linspace(lo, hi, _ZOOM_POINTS))
+
+
+def gd_errors(X, Y, step_sizes, error, *, steps: int) -> jax.Array:
+  """error(W_t) after t = 1..steps GD steps from W_0 = 0, for each constant step size:
+  [len(step_sizes), steps, *error's shape].  `error` maps W [batch, d_out, d] to an array."""
+  sigma_hat, b = _sufficient_statistics(X, Y)
+  return jax.lax.map(lambda eta: _gd_scan(jnp.zeros(b.shape, X.dtype), sigma_hat, b,
+                                          lambda g: eta * g, error, steps=steps), step_sizes)
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def gd_errors_every_step(X, Y, X_query, targets, step_sizes, *, steps: int) -> jax.Array:
+  """Batch-mean query MSE of GD after t = 1..steps, for each step size: [len(step_sizes), steps].
+
+  Non-finite errors (divergence) are +inf so that a search never picks them.
+  """
+  def error(W):
+    err = jnp.mean(jnp.square(W @ X_query - targets))
+    return jnp.where(jnp.isfinite(err), err, jnp.inf)
+  return gd_errors(X, Y, step_sizes, error, steps=steps)
+
+
+def best_constant_steps(X, Y, X_query, targets, loops, *, rel_tol: float = 1e-4,
+                        grid_points: int = 48) -> tuple[np.ndarray, np.ndarray]:
+  """`best_constant_step` for every T in `loops` at once: (η [L], error [L]) as numpy arrays.
+
+  The same search (`zoom_minimize` from the same log grid, zoomed until the bracket is narrower
+  than rel_tol·η), but one GD run yields the error after every t, so all T share each
+  evaluation: a handful of compiled calls per prompt batch instead of a handful per T.
+  """
+  loops = [int(T) for T in loops]
+  steps = max(loops)
+  log_grid, rule = _step_search(X, grid_points, rel_tol)
+  first = True
+
+  def errors_of(grids):  # {j: step sizes} -> {j: errors after loops[j] steps}
+    nonlocal first
+    if first:  # every T starts on log_grid: one run gives them all
+      first = False
+      errs = np.asarray(gd_errors_every_step(X, Y, X_query, targets, jnp.asarray(log_grid, X.dtype),
+                                             steps=steps))
+      return {j: errs[:, loops[j] - 1] for j in grids}
+    flat = np.concatenate(list(grids.values()))
+    # Padded to one length (a zoom grid per T) so that every round reuses one compiled program.
+    flat = np.concatenate([flat, np.full(_ZOOM_POINTS * len(loops) - len(flat), flat[-1])])
+    errs = np.asarray(gd_errors_every_step(X, Y, X_query, targets, jnp.asarray(flat, X.dtype),
+                                           steps=steps))                       # [len(flat), steps]
+    out, start = {}, 0
+    for j, g in grids.items():
+      out[j] = errs[start:start + len(g), loops[j] - 1]
+      start += len(g)
+    return out
+
+  best = zoom_minimize_many(errors_of, {j: log_grid for j in range(len(loops))}, **rule)
+  return (np.array([best[j][0] for j in range(len(loops))]),
+          np.array([best[j][1] for j in range(len(loops))]))

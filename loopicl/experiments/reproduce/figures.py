@@ -1,0 +1,127 @@
+"""The grid's figures: error vs T, error vs n/d and κ_Σ, and trained weights vs the construction.
+
+Built from results.csv rows (via `outputs.aggregate`: mean line, min–max band over seeds) and
+weights.csv rows, with the theory line ρ^T (`theory_line`) beside the construction.  matplotlib
+is imported only when a figure is drawn (Agg canvas, no display).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from loopicl.experiments.reproduce.grid import n_context
+from loopicl.experiments.reproduce.outputs import aggregate
+
+def theory_line(kind: str, rate: float, error_at_zero: float, loops) -> np.ndarray:
+  """ρ^T for the relative weight error; e₀·ρ^{2T} for a squared error (query MSE)."""
+  loops = np.asarray(loops, np.float64)
+  if kind == "vector_generation":
+    return rate ** loops
+  return error_at_zero * rate ** (2 * loops)
+
+
+def _figure(nrows, ncols, width=3.3, height=2.8):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _error_label(kind):
+  return "relative weight error ||Ŵ−W*||/||W*||" if kind == "vector_generation" else "query MSE"
+
+
+def _band(ax, x, stats, color, label, marker=None, ls="-"):
+  """Mean line with a min–max band over seeds; points with no finite seed are gaps."""
+  mean = np.array([s["mean"] for s in stats]); lo = np.array([s["lo"] for s in stats])
+  hi = np.array([s["hi"] for s in stats])
+  ax.plot(x, mean, color=color, marker=marker, ms=4, ls=ls, label=label)
+  ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def _log(ax):
+  ys = [y for line in ax.lines for y in np.asarray(line.get_ydata(), float) if np.isfinite(y) and y > 0]
+  if ys:
+    ax.set_yscale("log")
+
+
+def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
+  """name -> Figure: error vs T, error vs n/d, error vs κ_Σ (results.csv rows), weights vs the
+  trained T (weights.csv rows)."""
+  agg, g, figs = aggregate(rows), config.grid, {}
+  kinds = [k for k in g.kinds if any(r["task_kind"] == k for r in rows)]
+  ds = [int(d) for d in g.ds]
+  for kind in kinds:
+    # 1. Error vs T, one panel per n/d.
+    ratios = list(g.n_over_d)
+    fig, axes = _figure(len(ds), len(ratios))
+    for i, d in enumerate(ds):
+      for j, r in enumerate(ratios):
+        ax, n = axes[i, j], n_context(d, r)
+        for method, color, marker in (("construction", "C1", None), ("trained", "C0", "o")):
+          Ts = sorted(T for (k, dd, nn, kap, m, T) in agg if (k, dd, nn, kap, m) == (kind, d, n, 1.0, method))
+          if Ts:
+            label = "GD construction (best const. η)" if method == "construction" else "trained (at each T)"
+            if method == "trained" and g.train_mode == "window":
+              label = f"trained once at T={max(g.trained_loops)} (window), read at T"
+            _band(ax, Ts, [agg[(kind, d, n, 1.0, method, T)] for T in Ts], color, label, marker)
+            if method == "construction":
+              s = agg[(kind, d, n, 1.0, method, Ts[0])]
+              T_line = np.arange(0, max(Ts) + 1)
+              ax.plot(T_line, theory_line(kind, s["rate"], s["error_at_zero"], T_line), color="gray", ls="--",
+                      lw=1, label="theory ((κ̂−1)/(κ̂+1))^T" + ("" if kind == "vector_generation" else " (squared)"))
+        ax.set_title(f"d={d}, n={n} (n/d={r:g}), κ̂≈{agg.get((kind, d, n, 1.0, 'construction', 1), {}).get('kappa_hat', float('nan')):.3g}",
+                     fontsize=8)
+        ax.set_xlabel("loops T")
+        if j == 0:
+          ax.set_ylabel(_error_label(kind), fontsize=8)
+        _log(ax)
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"{kind}: error vs loops (κ_Σ = 1; mean over seeds, band = min–max)", fontsize=9)
+    figs[f"error_vs_loops_{kind}"] = fig
+
+    # 2. Error vs n/d at T = fixed_loops; 3. error vs κ_Σ at (fixed n/d, fixed T).
+    T = int(g.fixed_loops)
+    fig, axes = _figure(1, 2, width=4.2, height=3.2)
+    for d, ls in zip(ds, ("-", "--", ":", "-.")):
+      for method, color, marker in (("construction", "C1", "s"), ("trained", "C0", "o")):
+        xs = [r for r in ratios if (kind, d, n_context(d, r), 1.0, method, T) in agg]
+        if xs:
+          _band(axes[0, 0], xs, [agg[(kind, d, n_context(d, r), 1.0, method, T)] for r in xs],
+                color, f"{method}, d={d}", marker, ls)
+        ks = [float(k) for k in g.condition_numbers
+              if (kind, d, n_context(d, g.fixed_n_over_d), float(k), method, T) in agg]
+        if ks:
+          _band(axes[0, 1], ks, [agg[(kind, d, n_context(d, g.fixed_n_over_d), k, method, T)] for k in ks],
+                color, f"{method}, d={d}", marker, ls)
+    axes[0, 0].axvline(1.0, color="gray", lw=0.8, ls=":")
+    axes[0, 0].set_xscale("log"); axes[0, 0].set_xlabel("n / d")
+    axes[0, 0].set_title(f"error vs n/d at T={T} (κ_Σ = 1)", fontsize=9)
+    axes[0, 1].set_xscale("log"); axes[0, 1].set_xlabel("κ_Σ (condition number of Σ)")
+    axes[0, 1].set_title(f"error vs κ_Σ at n/d={g.fixed_n_over_d:g}, T={T}", fontsize=9)
+    for ax in axes[0]:
+      ax.set_ylabel(_error_label(kind), fontsize=8); _log(ax); ax.legend(fontsize=6)
+    fig.suptitle(kind, fontsize=9)
+    figs[f"error_vs_n_and_condition_{kind}"] = fig
+
+    # 4. Learned vs construction: weight distance and implied-preconditioner alignment vs the T a
+    # model was trained at (weights.csv: every trained model, seeds averaged).
+    fig, axes = _figure(1, 3, width=3.4, height=3.0)
+    for d, ls in zip(ds, ("-", "--", ":", "-.")):
+      for j, r in enumerate(ratios):
+        n = n_context(d, r)
+        mine = [w for w in weight_rows if (w["task_kind"], w["d"], w["n_context"], w["condition_number"])
+                == (kind, d, n, 1.0) and not w["diverged"]]
+        Ts = sorted({w["trained_loops"] for w in mine})
+        if not Ts:
+          continue
+        for ax, field in zip(axes[0], ("weight_distance", "offblock_fraction", "precond_cos_identity")):
+          ax.plot(Ts, [np.mean([float(w[field]) for w in mine if w["trained_loops"] == T]) for T in Ts],
+                  color=f"C{j}", ls=ls, marker="o", ms=3, label=f"d={d}, n/d={r:g}")
+    for ax, title in zip(axes[0], ("distance to the plain-GD line (P⊗Q)", "off-construction fraction",
+                                   "cos(implied preconditioner Â, I)")):
+      ax.set_title(title, fontsize=8); ax.set_xlabel("loops T the model was trained at")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"{kind}: trained weights vs the GD construction (κ_Σ = 1; mean over seeds)", fontsize=9)
+    figs[f"weights_vs_loops_{kind}"] = fig
+  return figs
