@@ -68,9 +68,13 @@ def field_bool(cfg, section, name):
     fail(f"{section}.{name}", v, "True | False")
 
 
-def task_error(e: ValueError) -> ConfigError:
-  """A task module's ValueError ("task.d=0 is invalid; …") as the config's ConfigError."""
-  return ConfigError(f"config.{e}")
+def check_task(validate_task, task) -> None:
+  """Runs a task module's `validate` and raises its ValueError ("task.d=0 is invalid; …") as
+  the config's ConfigError ("config.task.d=0 is invalid; …")."""
+  try:
+    validate_task(task)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:

@@ -33,7 +33,7 @@ def _python(code: str, env: dict, timeout: float = 300):
 
 _SHORT_RUN = """
   import json, jax, jax.numpy as jnp, numpy as np
-  from loopicl import config as config_lib, distributed, family as family_lib, train
+  from loopicl import config as config_lib, distributed, family as family_lib, run, train
   from tests.test_train import tiny_config
 
   def short_run(steps=20, per_call=5):

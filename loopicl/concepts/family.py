@@ -42,10 +42,7 @@ class ConceptFamily(family_lib.Family):
 
   @classmethod
   def validate(cls, cfg) -> None:
-    try:
-      concepts.validate(cfg.task)
-    except ValueError as e:
-      raise config_lib.task_error(e) from None
+    config_lib.check_task(concepts.validate, cfg.task)
     config_lib.field_real(cfg, "model", "init_scale", 0.0, strict=True)
     for name in ("remat", "unroll"):  # carried over from the default config; unused here
       if name in cfg.model:

@@ -37,10 +37,7 @@ class LinearFamily(family_lib.Family):
 
   @classmethod
   def validate(cls, cfg) -> None:
-    try:
-      tasks.validate(cfg.task)
-    except ValueError as e:
-      raise config_lib.task_error(e) from None
+    config_lib.check_task(tasks.validate, cfg.task)
     config_lib.field_real(cfg, "model", "init_scale", 0.0, strict=True)
     config_lib.field_bool(cfg, "model", "remat")
     config_lib.field_int(cfg, "model", "unroll")
