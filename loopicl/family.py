@@ -24,6 +24,8 @@ Bound to a config (`family = get(config.task.kind)(config)`):
   * `optimizer_extra()`    — an optax transformation chained after the optimizer, or None;
   * `make_evaluator()`     — `evaluate(model) -> dict` on a fixed held-out set;
   * `log_extras(rlog, step, model, metrics)` — TensorBoard figures beyond the scalars;
+  * `tensorboard_layout()`, `hparam_metrics` — the Custom Scalars charts and the scalar tags the
+                             HParams tab compares runs by;
   * `summary_lines(result)` — the closing lines of a run;
   * `report(workdir, model, step, **options)` — the offline evaluation (scripts/evaluate.py).
 """
@@ -85,6 +87,13 @@ class Family:
 
   def log_extras(self, rlog, step: int, model, metrics: dict) -> None:
     pass
+
+  hparam_metrics: tuple[str, ...] = ("train/loss",)
+
+  def tensorboard_layout(self) -> dict:
+    """{category: {chart: [tag regex, …]}} for TensorBoard's Custom Scalars tab."""
+    return {"training": {"loss": ["train/loss"], "learning rate": ["train/learning_rate"],
+                         "gradient norm": ["train/grad_norm"]}}
 
   def summary_lines(self, result: dict) -> list[str]:
     return [f"   {k:<30s}{v:.4g}" for k, v in sorted(result.items())

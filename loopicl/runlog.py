@@ -50,11 +50,33 @@ class RunLog:
         f.write(jsonfile.dumps(record, nonfinite="string", sort_keys=True) + "\n")
 
   def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+    """Numbers as scalars; a non-finite one is not written (TensorBoard cannot draw it, and
+    tensorboardX warns for each) but counted: `<prefix>nonfinite/<name>` = 1 at that step."""
     if self._writer is None:
       return
     for k, v in values.items():
       if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
-        self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
+        if math.isfinite(float(v)):
+          self._writer.add_scalar(f"{prefix}{k}", float(v), global_step=step)
+        else:
+          self._writer.add_scalar(f"{prefix}nonfinite/{k}", 1.0, global_step=step)
+
+  def layout(self, charts: dict[str, dict[str, list[str]]]) -> None:
+    """TensorBoard's Custom Scalars tab: {category: {chart title: [tag or regex, …]}}, each chart
+    drawing its tags together (log scale is the chart's own toggle in the UI)."""
+    if self._writer is not None:
+      self._writer.add_custom_scalars(
+          {cat: {title: ["Multiline", tags] for title, tags in c.items()} for cat, c in charts.items()})
+
+  def hparams(self, hparams: dict, metric_tags) -> None:
+    """Records the run for the HParams tab: `hparams` (name -> bool/str/number) and the scalar
+    tags it compares runs by (their values come from the scalars the run logs)."""
+    if self._writer is None:
+      return
+    from tensorboardX.summary import hparams as hparams_summary
+    experiment, session_start, _ = hparams_summary(hparams, {tag: 0.0 for tag in metric_tags})
+    for summary in (experiment, session_start):  # no session end: the run may be resumed
+      self._writer.file_writer.add_summary(summary)
 
   def figure(self, step: int, tag: str, fig, close: bool = True) -> None:
     if self._writer is None:
@@ -108,3 +130,14 @@ class ProgressBar:
     if self.enabled and self.tty:
       self.stream.write("\n")
       self.stream.flush()
+
+
+def config_hparams(config, sections=("task", "model", "train")) -> dict:
+  """The config's scalar fields as flat hparams ("model.loops": 5, …); nested sections and
+  sequences are left out (HParams compares scalars)."""
+  out = {}
+  for section in sections:
+    for name, value in config.get(section, {}).items():
+      if isinstance(value, (bool, str, int, float)):
+        out[f"{section}.{name}"] = value
+  return out

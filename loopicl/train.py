@@ -234,6 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   rlog.truncate_after(step)
   if step == 0:
     rlog.text(0, "config", "```\n" + json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n```")
+    rlog.layout(family.tensorboard_layout())
+    rlog.hparams(runlog.config_hparams(config), family.hparam_metrics)
   state = distributed.place_state(state)  # replicated over the devices (identity on one)
 
   total = int(config.train.steps)

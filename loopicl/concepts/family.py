@@ -35,6 +35,8 @@ class ConceptFamily(family_lib.Family):
   model_fields = frozenset({"mlp_width", "heads", "init_scale", "remat", "unroll"})
   shape_fields = ("task.dim", "task.num_concepts", "model.mlp_width", "model.heads")
   trainable = nnx.Param  # not FixedOutput: the output layer stays at ±1/m
+  hparam_metrics = ("eval/test_zero_one", "eval/test_cross_entropy", "eval/ood_unseen_zero_one",
+                    "eval/correct_attention")
 
   @classmethod
   def task_config(cls):
@@ -75,6 +77,15 @@ class ConceptFamily(family_lib.Family):
       return _flatten(concept_model.evaluate(model, self.task, key, num_prompts))
 
     return evaluate
+
+  def tensorboard_layout(self) -> dict:
+    charts = super().tensorboard_layout()
+    charts["classification"] = {
+        "0-1 loss in and out of distribution": ["eval/test_zero_one", "eval/ood_.*_zero_one"],
+        "cross-entropy": ["eval/test_cross_entropy", "eval/ood_.*_cross_entropy"],
+        "attention and alignment": ["eval/correct_attention", "eval/attention_peak",
+                                    "eval/alignment_.*"]}
+    return charts
 
   def summary_lines(self, result: dict) -> list[str]:
     return [f"   {key:<30s}{result[key]:.4g}"

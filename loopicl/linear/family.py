@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from loopicl import config as config_lib, family as family_lib, stats
-from loopicl.linear import construction, model as model_lib, tasks, training, weights
+from loopicl.linear import baselines, construction, model as model_lib, tasks, training, weights
 
 
 def default_loops_max(trained_loops: int) -> int:
@@ -30,6 +30,7 @@ class LinearFamily(family_lib.Family):
   model_fields = frozenset({"parameterization", "init_scale", "remat", "unroll", "init",
                             "init_step", "form", "kernel", "kernel_threads"})
   shape_fields = ("task.d", "task.d_out", "model.parameterization")
+  hparam_metrics = ("eval/test_error", "eval/gd_ratio", "eval/pgd_ratio", "eval/weight_distance")
 
   @classmethod
   def task_config(cls):
@@ -132,6 +133,13 @@ class LinearFamily(family_lib.Family):
     eta, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=T)
     W_gd = construction.gd_iterates(test.X, test.Y, steps=T, step_size=eta)[-1]
     gd_error = float(jnp.mean(tasks.query_mse(W_gd @ test.X_query, test.targets)))
+    # Preconditioned GD with A = c*·Σ⁻¹ (c* scanned on the same separate prompts): also inside
+    # the model class, so a trained model above it has an optimisation problem.
+    c_pgd, _ = baselines.best_preconditioner_scale(scan.X, scan.Y, scan.X_query, scan.targets,
+                                                   self.task, steps=T)
+    A_pgd = c_pgd * np.linalg.inv(tasks.covariance(self.task))
+    W_pgd = construction.gd_iterates(test.X, test.Y, steps=T, preconditioner=A_pgd)[-1]
+    pgd_error = float(jnp.mean(tasks.query_mse(W_pgd @ test.X_query, test.targets)))
     vector_generation = self.task.kind == "vector_generation"
     d_out, n_queries = int(self.task.d_out), self.n_queries
 
@@ -159,6 +167,9 @@ class LinearFamily(family_lib.Family):
           "gd_error": gd_error,
           "gd_ratio": per_loop[-1] / gd_error,
           "gd_step_size": eta,
+          "pgd_error": pgd_error,
+          "pgd_ratio": per_loop[-1] / pgd_error,
+          "pgd_scale": c_pgd,
           "weight_distance": float(m["weight_distance"]),
           "gd_step_equivalent": float(m["gd_step_equivalent"]),
       }
@@ -177,6 +188,16 @@ class LinearFamily(family_lib.Family):
                                                             metrics["gd_step_size"])
     rlog.figure(step, "weights/P_Q_vs_construction", plots.weight_heatmaps(
         P, Q, P_ref, Q_ref, title=f"step {step}: weight distance {metrics['weight_distance']:.3f}"))
+
+  def tensorboard_layout(self) -> dict:
+    charts = super().tensorboard_layout()
+    charts["errors"] = {
+        "query MSE after T loops: model, GD (best η*), PGD (best c·Σ⁻¹)":
+            ["eval/test_error", "eval/gd_error", "eval/pgd_error"],
+        "query MSE after every loop t": ["eval/per_loop/test_error_loop_.*"],
+        "model / GD and model / PGD": ["eval/gd_ratio", "eval/pgd_ratio"],
+        "distance to the GD line": ["eval/weight_distance"]}
+    return charts
 
   def summary_lines(self, result: dict) -> list[str]:
     if "test_error" not in result or "gd_error" not in result:
