@@ -141,3 +141,13 @@ def config_hparams(config, sections=("task", "model", "train")) -> dict:
       if isinstance(value, (bool, str, int, float)):
         out[f"{section}.{name}"] = value
   return out
+
+
+def save_figure(fig, directory: str, name: str, *, dpi: int = 110, **kwargs) -> str:
+  """Writes `fig` as <directory>/<name>.png (for reading) and .pdf (vector, for a paper);
+  returns the PNG's path.  Every figure a report or grid writes goes through here."""
+  path = os.path.join(directory, f"{name}.png")
+  with np.errstate(over="ignore"):  # a log axis over a 1e300 error overflows harmlessly
+    fig.savefig(path, dpi=dpi, **kwargs)
+    fig.savefig(os.path.join(directory, f"{name}.pdf"), **kwargs)
+  return path

@@ -367,3 +367,22 @@ def test_bad_arguments_raise_value_error(kwargs, field):
   assert field in str(info.value)
   with pytest.raises(ValueError, match="allowed"):
     _analyze(P[:-1, :-1], Q[:-1, :-1])
+
+
+def test_least_squares_is_a_floor_not_the_axis_and_figures_have_pdfs(gd_report, tmp_path):
+  """Noise-free least squares sits at ~1e-30: it is named below the axis instead of stretching
+  it, so the curves keep the axis; every figure is written as PNG and PDF."""
+  report = gd_report[3]
+  report = dict(report, least_squares_error=[1e-30] * len(report["loops"]))
+  fig = plots.error_vs_loops(report)
+  ax = fig.axes[0]
+  curves = [v for k, _, _ in plots.ERROR_LINES if k not in plots.FLOOR_LINES
+            for v in report[k] if v]
+  assert ax.get_ylim()[0] == pytest.approx(min(curves) / 2)  # the lowest curve sets it, not 1e-30
+  notes = [t.get_text() for t in ax.texts if t.get_gid() == "floors_below_axis"]
+  assert len(notes) == 1 and "least squares 1.0e-30" in notes[0]
+  paths = report_lib.write_report(report, str(tmp_path))
+  for name in plots.FIGURES:
+    assert os.path.getsize(paths[name]) > 0
+    with open(os.path.join(tmp_path, f"{name}.pdf"), "rb") as f:
+      assert f.read(5) == b"%PDF-"

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from loopicl import jsonfile, stats
+from loopicl import jsonfile, runlog, stats
 from loopicl.concepts import model as concept_model
 
 
@@ -151,4 +151,4 @@ def write(report: dict, outdir: str, figs: dict) -> None:
   with open(os.path.join(outdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for name, fig in figs.items():
-    fig.savefig(os.path.join(outdir, f"{name}.png"), dpi=110, bbox_inches="tight")
+    runlog.save_figure(fig, outdir, name, bbox_inches="tight")

@@ -26,6 +26,10 @@ ERROR_LINES = (
 )
 
 
+# Lines constant in t (the fixed points GD and ridge converge to): floors, not curves.
+FLOOR_LINES = ("least_squares_error", "ridge_error")
+
+
 def _new(width: float, height: float, ncols: int = 1, nrows: int = 1):
   fig = Figure(figsize=(width, height), layout="constrained")
   FigureCanvasAgg(fig)
@@ -47,16 +51,20 @@ def _g(x) -> str:
   return "n/a" if x is None else f"{x:.3g}"
 
 
-def _log_y(ax, cap: float | None = None) -> None:
+def _log_y(ax, cap: float | None = None, floors: tuple[str, ...] = ()) -> None:
   """Log y over the tagged data lines, with explicit limits.
 
   A diverging model reaches 1e300, and a log axis autoscaled over that (or over inf) is useless:
   the view is clipped at `cap` with a note, the data in the lines stay as in the report.
-  Without any finite positive value the axis stays linear and says so.
+  Floors (lines tagged with a gid in `floors`, e.g. least squares at 1e-30 on noise-free
+  prompts) do not set the limits: one far below the curves is named at the bottom instead of
+  squeezing every curve into the top of the axis.  Without any finite positive value the axis
+  stays linear and says so.
   """
   # Only the report's data lines (tagged with a gid): axvline's y data are axes fractions.
   values = np.concatenate([np.asarray(line.get_ydata(), float).ravel() for line in ax.lines
-                           if line.get_gid() is not None] or [np.zeros(0)])
+                           if line.get_gid() is not None and line.get_gid() not in floors]
+                          or [np.zeros(0)])
   positive = values[np.isfinite(values) & (values > 0)]
   if positive.size == 0:
     ax.text(0.5, 0.5, "no finite positive values", transform=ax.transAxes, ha="center", color="gray")
@@ -69,6 +77,11 @@ def _log_y(ax, cap: float | None = None) -> None:
     ax.text(0.99, 0.98, f"clipped above {cap:.0e} (diverged)", transform=ax.transAxes, ha="right",
             va="top", fontsize=8, color="gray")
   ax.set_ylim(lo, hi)
+  below = [f"{line.get_label()} {np.nanmax(line.get_ydata()):.1e}" for line in ax.lines
+           if line.get_gid() in floors and np.nanmax(line.get_ydata(), initial=-np.inf) < lo]
+  if below:
+    ax.text(0.01, 0.02, "below the axis: " + "; ".join(below), transform=ax.transAxes,
+            fontsize=8, color="gray", gid="floors_below_axis")
 
 
 def _error_cap(report) -> float | None:
@@ -93,7 +106,7 @@ def error_vs_loops(report: dict[str, Any]) -> Figure:
       (line,) = ax.plot(loops, _arr(report[key]), label=label, **style)
       line.set_gid(key)
   _trained_marker(ax, report)
-  _log_y(ax, cap=_error_cap(report))
+  _log_y(ax, cap=_error_cap(report), floors=FLOOR_LINES)
   ax.set_xlabel("loop t")
   ax.set_ylabel("query MSE (held-out prompts)")
   bad = max(report.get("model_error_nonfinite", [0]))

@@ -224,10 +224,9 @@ def write_report(report: dict[str, Any], outdir: str, P=None, Q=None, *,
     paths["weights_npz"] = os.path.join(outdir, "weights.npz")
     np.savez(paths["weights_npz"], P=np.asarray(P), Q=np.asarray(Q))
   figures = plots.all_figures(report) if figures is None else figures
+  from loopicl import runlog
   for name, fig in figures.items():
-    paths[name] = os.path.join(outdir, f"{name}.png")
-    with np.errstate(over="ignore"):  # a log axis over a 1e300 error overflows harmlessly
-      fig.savefig(paths[name], dpi=110)
+    paths[name] = runlog.save_figure(fig, outdir, name)  # PNG, and a PDF beside it
   return paths
 
 

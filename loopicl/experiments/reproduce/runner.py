@@ -10,7 +10,7 @@ import os
 import time
 from typing import Callable
 
-from loopicl import distributed, jsonfile
+from loopicl import distributed, jsonfile, runlog
 from loopicl.experiments.reproduce import compute, figures as figures_lib, outputs
 from loopicl.experiments.reproduce.grid import fingerprint, point_id, points, validate
 
@@ -26,7 +26,7 @@ def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
     f.write(outputs.summary_markdown(config, rows))
   if figures and rows:
     for name, fig in figures_lib.make_figures(config, rows, weight_rows).items():
-      fig.savefig(os.path.join(workdir, name + ".png"), dpi=110)
+      runlog.save_figure(fig, workdir, name)
   return rows
 
 
