@@ -4,6 +4,8 @@
   model.py         the looped block Z ← Z + (1/n)·P·Z M Zᵀ·Q·Z, its kernels, the NNX module
   construction.py  the GD construction and the one GD engine: iterates, least squares, ridge,
                    the best constant step (one T or many), rates and bounds
+  algorithms.py    reference algorithms beyond GD: conjugate gradients, Chebyshev, Newton–Schulz,
+                   progressively whitened GD (an exact looped construction)
   weights.py       scale-invariant comparison of (P, Q) with the construction
   training.py      the GD warm start and the construction phase of the optimizer
   family.py        the family: schema, loss, training-time evaluator, summary (registered)

@@ -64,7 +64,7 @@ def empirical_covariance(X: jax.Array) -> jax.Array:
   return X @ jnp.swapaxes(X, -1, -2) / X.shape[-1]
 
 
-def _sufficient_statistics(X: jax.Array, Y: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sufficient_statistics(X: jax.Array, Y: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(Σ̂ = X Xᵀ / n [batch, d, d], b = Y Xᵀ / n [batch, d_out, d]): all that GD on a prompt needs,
   so that a step costs O(d²) instead of O(d·n)."""
   return empirical_covariance(X), Y @ jnp.swapaxes(X, -1, -2) / X.shape[-1]
@@ -95,7 +95,7 @@ def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
     A = eta[..., None, None] * jnp.eye(d, dtype=X.dtype)
   else:
     A = _preconditioner(d, step_size, preconditioner, X.dtype)
-  sigma_hat, b = _sufficient_statistics(X, Y)
+  sigma_hat, b = sufficient_statistics(X, Y)
   W0 = jnp.zeros(Y.shape[:-1] + (d,), X.dtype)
   Ws = _gd_scan(W0, sigma_hat, b, lambda g: g @ A, lambda W: W, steps=steps)
   return jnp.concatenate([W0[None], Ws], axis=0)
@@ -249,7 +249,7 @@ def _step_search(X, grid_points: int, rel_tol: float) -> tuple[np.ndarray, dict]
 def gd_errors(X, Y, step_sizes, error, *, steps: int) -> jax.Array:
   """error(W_t) after t = 1..steps GD steps from W_0 = 0, for each constant step size:
   [len(step_sizes), steps, *error's shape].  `error` maps W [batch, d_out, d] to an array."""
-  sigma_hat, b = _sufficient_statistics(X, Y)
+  sigma_hat, b = sufficient_statistics(X, Y)
   return jax.lax.map(lambda eta: _gd_scan(jnp.zeros(b.shape, X.dtype), sigma_hat, b,
                                           lambda g: eta * g, error, steps=steps), step_sizes)
 
