@@ -218,6 +218,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, log=p
   distributed.maybe_initialize(config)
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda *a, **k: None)
+  # One writer per workdir: process 0 (the only one that writes) locks it before writing anything
+  # and holds the lock until the run ends; a second launch gets a one-line RunError.
+  with run_lib.WorkdirLock(workdir, enabled=is_main, log=log):
+    return _train_locked(config, workdir, log=log, progress=progress, is_main=is_main)
+
+
+def _train_locked(config, workdir: str, *, log, progress: bool, is_main: bool) -> dict:
+  """`train_and_evaluate` once process 0 holds the workdir's lock."""
+  from loopicl import distributed
   if is_main:
     run_lib.prepare_workdir(config, workdir, log)
 

@@ -80,8 +80,10 @@ def test_evaluate_run_errors(tmp_path, run_dir):
   other = str(tmp_path / "other")
   _save_construction(other, tiny_config(**{"task.d": 4}))
   (tmp_path / "other" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
-  with pytest.warns(UserWarning), pytest.raises(run.RunError, match="can be restored"):
-    run.evaluate_run(other)
+  lines = []
+  with pytest.raises(run.RunError, match="can be restored"):
+    run.evaluate_run(other, log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint at step ")  # one line each
   # Reading a run never moves or deletes its checkpoints, even unusable ones.
   assert os.listdir(os.path.join(other, "checkpoints")) and not os.path.exists(other + "/checkpoints_corrupt")
   with pytest.raises(ValueError, match="loops_max"):

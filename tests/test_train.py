@@ -134,13 +134,17 @@ def _corrupt(workdir, how):
     os.makedirs(step_dir)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["flipped_bytes", "truncated", "empty_folder"])
 def test_corrupt_latest_checkpoint_is_skipped_and_run_ends_identical(reference_run, tmp_path, how):
   workdir = tmp_path / how
   _run(tiny_config(), workdir)
   _corrupt(workdir, how)
-  with pytest.warns(UserWarning, match="checkpoint at step 60"):
-    _run(tiny_config(), workdir)
+  lines = []
+  train.train_and_evaluate(tiny_config(), str(workdir), log=lines.append, progress=False)
+  warned = [l for l in lines if l.startswith("warning:")]  # one line per skipped checkpoint
+  assert len(warned) == 1 and warned[0].startswith("warning: checkpoint at step 60 is unusable (")
+  assert sum(l.startswith("moved unusable checkpoint 60 to ") for l in lines) == 1
   _assert_same_run(reference_run[0], workdir)
   assert os.listdir(workdir / "checkpoints_corrupt")  # moved aside, not deleted
 
