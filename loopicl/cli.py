@@ -51,6 +51,19 @@ def _loaded_config(allowed: str):
   return config
 
 
+def _experiment_config():
+  """--config loaded, validated and its devices prepared (cpu_devices, multi-host) before any
+  JAX computation; a bad field is one line."""
+  from loopicl import config as config_lib, distributed, errors
+  config = _loaded_config("a config file such as configs/default.py")
+  try:
+    config_lib.validate(config)
+    distributed.maybe_initialize(config)
+  except errors.ConfigError as e:
+    fail(str(e))
+  return config
+
+
 def _no_arguments(argv, allowed: str) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; allowed: {allowed}", 2)
@@ -129,15 +142,13 @@ def _benchmark_main(argv):
   _no_arguments(argv, "--config, --config.<field>=<value>, flags")
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  config = _loaded_config("a config file such as configs/default.py")
-  from loopicl import config as config_lib, distributed, errors
+  config = _experiment_config()
+  from loopicl import errors
   from loopicl.experiments import benchmark, benchmark_modes
   try:
-    config_lib.validate(config)
-    distributed.maybe_initialize(config)  # before any JAX computation: cpu_devices, multi-host
     ns = [int(n) for n in FLAGS.scaling_ns]
     counts = [int(k) for k in FLAGS.fake_devices]
-  except (errors.ConfigError, ValueError) as e:
+  except ValueError as e:
     fail(str(e))
   say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if FLAGS.json else print
   try:
@@ -274,3 +285,40 @@ def run_large_t_recipes():
                       required=True)
   flags.DEFINE_list("recipes", list(large_t.RECIPES), "Recipes to run, comma separated.")
   _run(_large_t_main, "--workdir=<dir> --recipes=<name,...>")
+
+
+# -- scripts/sweep.py -----------------------------------------------------------------------------
+
+def _sweep_main(argv):
+  _no_arguments(argv, "--config, --sweep, --seeds, --workdir, --config.<field>=<value>")
+  FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)
+  config = _experiment_config()
+  from loopicl import errors
+  from loopicl.experiments import sweep_runs
+  try:
+    sweeps = sweep_runs.parse_sweeps(FLAGS.sweep, config)
+    for point in sweep_runs.points(sweeps):  # every point valid before any work
+      sweep_runs.point_config(config, point)
+  except errors.ConfigError as e:
+    fail(str(e))
+  try:
+    rows = sweep_runs.run(config, sweeps, range(FLAGS.seeds), FLAGS.workdir,
+                          log=lambda s: print(s, flush=True))
+  except errors.ConfigError as e:
+    fail(str(e), 2)
+  except errors.RunError as e:
+    fail(str(e), 1)
+  print(f"wrote {FLAGS.workdir}/sweep.csv ({len(rows)} rows), summary.md, sweep.png")
+
+
+def run_sweep():
+  """Entry point of scripts/sweep.py (console script loopicl-sweep)."""
+  _config_flag("Experiment config file (configs/*.py): the base of every point.")
+  flags.DEFINE_multi_string("sweep", [], "<section>.<field>=v1,v2,… (repeat for a product).")
+  flags.DEFINE_integer("seeds", 1, "Seeds 0..K-1 per point, trained in one vmapped program.",
+                       lower_bound=1)
+  flags.DEFINE_string("workdir", None, "Directory of the sweep: one run directory per point and "
+                      "seed, sweep.csv, summary.md.", required=True)
+  _run(_sweep_main, "--config=<file> --sweep=<section>.<field>=v1,v2 … --seeds=<int> "
+                    "--workdir=<dir>")

@@ -87,6 +87,37 @@ class RunLog:
     if self._writer is not None:
       self._writer.add_text(tag, text, global_step=step)
 
+  # -- what a training run records (train.py and sweeps alike) ------------------------------------
+  def start_run(self, config, family) -> None:
+    """The once-per-run records, at step 0: the config as text, the charts, the HParams entry."""
+    self.text(0, "config", "```\n" + json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n```")
+    self.layout(family.tensorboard_layout())
+    self.hparams(config_hparams(config), family.hparam_metrics)
+
+  def train_chunk(self, step: int, metrics: dict, *, learning_rate: float, steps_per_s: float,
+                  loops: int) -> None:
+    """A chunk's train scalars (means over its steps): loss, grad_norm, the family's aux metrics."""
+    self.scalars(step, {"loss": float(metrics["loss"].mean()),
+                        "grad_norm": float(metrics["grad_norm"].mean()),
+                        "learning_rate": learning_rate, "steps_per_s": steps_per_s,
+                        "loops": loops}, prefix="train/")
+    self.scalars(step, {k: float(v.mean()) for k, v in metrics.items()
+                        if k not in ("loss", "grad_norm")}, prefix="train/")
+
+  def evaluation(self, step: int, metrics: dict, recent: dict) -> dict:
+    """An evaluation's record: metrics.jsonl and eval/ scalars, with `recent` (the last chunk's
+    train metrics, [steps] arrays) averaged in as train_loss and train_<aux>.  Returns it."""
+    metrics = dict(metrics, step=step)
+    for name, values in recent.items():
+      metrics[f"train_{name}" if name != "loss" else "train_loss"] = float(np.mean(values))
+    if not recent:
+      metrics["train_loss"] = float("nan")
+    self.write_metrics(metrics)
+    self.scalars(step, {k: v for k, v in metrics.items() if k != "step"}, prefix="eval/")
+    for t, err in enumerate(metrics.get("test_error_per_loop", []), start=1):
+      self.scalars(step, {f"test_error_loop_{t:02d}": err}, prefix="eval/per_loop/")
+    return metrics
+
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()

@@ -19,7 +19,6 @@ layer) are constants of the step, rebuilt by `create_model` from the seed, never
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import NamedTuple
@@ -242,9 +241,7 @@ def _train_locked(config, workdir: str, *, log, progress: bool, is_main: bool) -
   rlog = runlog.RunLog(workdir, enabled=is_main)
   rlog.truncate_after(step)
   if step == 0:
-    rlog.text(0, "config", "```\n" + json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n```")
-    rlog.layout(family.tensorboard_layout())
-    rlog.hparams(runlog.config_hparams(config), family.hparam_metrics)
+    rlog.start_run(config, family)
   state = distributed.place_state(state)  # replicated over the devices (identity on one)
 
   total = int(config.train.steps)
@@ -257,16 +254,7 @@ def _train_locked(config, workdir: str, *, log, progress: bool, is_main: bool) -
 
   def do_eval(step):
     model = model_def.merge(jax.device_get(state["params"]))
-    metrics = evaluate(model)
-    metrics["step"] = step
-    for name, values in recent.items():  # the train metrics of the last chunk, averaged
-      metrics[f"train_{name}" if name != "loss" else "train_loss"] = float(np.mean(values))
-    if not recent:
-      metrics["train_loss"] = float("nan")
-    rlog.write_metrics(metrics)
-    rlog.scalars(step, {k: v for k, v in metrics.items() if k != "step"}, prefix="eval/")
-    for t, err in enumerate(metrics.get("test_error_per_loop", []), start=1):
-      rlog.scalars(step, {f"test_error_loop_{t:02d}": err}, prefix="eval/per_loop/")
+    metrics = rlog.evaluation(step, evaluate(model), recent)  # + the last chunk's train metrics
     family.log_extras(rlog, step, model, metrics)
     rlog.flush()
     return metrics
@@ -296,12 +284,8 @@ def _train_locked(config, workdir: str, *, log, progress: bool, is_main: bool) -
         now = time.time()
         steps_per_s = steps_since / max(now - t_last, 1e-9)
         if step % config.train.log_every == 0 or step == total:
-          rlog.scalars(step, {"loss": float(losses.mean()),
-                              "grad_norm": float(metrics["grad_norm"].mean()),
-                              "learning_rate": float(learning_rate_schedule(config.train)(step)),
-                              "steps_per_s": steps_per_s, "loops": loops}, prefix="train/")
-          rlog.scalars(step, {k: float(v.mean()) for k, v in metrics.items()
-                              if k not in ("loss", "grad_norm")}, prefix="train/")
+          rlog.train_chunk(step, metrics, steps_per_s=steps_per_s, loops=loops,
+                           learning_rate=float(learning_rate_schedule(config.train)(step)))
           t_last, steps_since = now, 0
         bar.update(step, float(losses[-1]), steps_per_s)
         if step % config.eval.every == 0 or step == total:
