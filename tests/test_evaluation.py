@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl.linear import construction, evaluation, model as model_lib, plots, tasks, weights
+from loopicl.linear import algorithms, construction, evaluation, ladder, model as model_lib, plots
+from loopicl.linear import tasks, weights
 from loopicl.linear import report as report_lib
 from tests import numpy_reference as ref
 
@@ -249,6 +250,10 @@ def _check_figures_match(figs, report):
         np.testing.assert_array_equal(value[:, 1], _nan(report["preconditioner_eigenvalues_imag"]))
       elif gid == "pgd_preconditioner.eigenvalues":
         np.testing.assert_allclose(value[:, 0], np.linalg.eigvalsh(np.array(report["pgd_preconditioner"])))
+      elif gid.startswith("mechanism."):  # the ladder's mechanism curves, over t = 0..loops_max
+        x, y = value
+        np.testing.assert_array_equal(x, report["mechanism"]["loops"])
+        np.testing.assert_array_equal(y, _nan(report["mechanism"][gid[len("mechanism."):]]))
       elif gid.startswith("interpolation."):
         x, y = value
         np.testing.assert_array_equal(x, [p["alpha"] for p in report["interpolation"]])
@@ -386,3 +391,160 @@ def test_least_squares_is_a_floor_not_the_axis_and_figures_have_pdfs(gd_report, 
     assert os.path.getsize(paths[name]) > 0
     with open(os.path.join(tmp_path, f"{name}.pdf"), "rb") as f:
       assert f.read(5) == b"%PDF-"
+
+
+# ----------------------------------------------------------------------------------------------
+# The ladder of reference algorithms: which algorithm did the loop learn?
+
+def _numpy_prompts(task, seed=3, which=0):
+  with jax.enable_x64(True):
+    b = _prompts(task, seed, which)
+  return tuple(np.asarray(v, np.float64) for v in (b.X, b.Y, b.X_query, b.targets, b.Z0))
+
+
+def _spectral_errors(X, Y, Xq, tg, gain):
+  """Query MSE of W = b·V diag(gain(s)) Vᵀ (Σ̂ = V diag(s) Vᵀ, b = Y Xᵀ/n) for t = 1..L: numpy float64.
+
+  Every polynomial method from W_0 = 0 is such a spectral filter: W_t = b·Σ̂⁻¹(I − p_t(Σ̂)).
+  gain(s, t) -> [batch, d] with s: [batch, d].
+  """
+  n = X.shape[-1]
+  s, V = np.linalg.eigh(X @ np.swapaxes(X, 1, 2) / n)
+  b = Y @ np.swapaxes(X, 1, 2) / n
+  out = []
+  for t in range(1, L + 1):
+    W = (b @ V) * gain(s, t)[:, None, :] @ np.swapaxes(V, 1, 2)
+    out.append(np.mean((W @ Xq - tg) ** 2))
+  return np.array(out)
+
+
+def test_ladder_errors_against_numpy(gd_report):
+  """Every rung of the ladder, recomputed in numpy float64 from the same prompts."""
+  task, r = _task(), gd_report[3]
+  X, Y, Xq, tg, _ = _numpy_prompts(task)
+  n = N
+  # Chebyshev's fixed bounds are the Marchenko–Pastur edges of the task's Σ (floor 1e-3·λ₊).
+  lam = tasks.covariance_spectrum(task)
+  hi = lam.max() * (1 + np.sqrt(D_IN / n)) ** 2
+  lo = max(lam.min() * (1 - np.sqrt(D_IN / n)) ** 2, 1e-3 * hi)
+  assert (r["chebyshev_lambda_min"], r["chebyshev_lambda_max"]) == (pytest.approx(lo, rel=1e-12),
+                                                                    pytest.approx(hi, rel=1e-12))
+
+  def chebyshev(lo, hi):  # p_t(λ) = T_t((θ − λ)/δ) / T_t(θ/δ); lo, hi: scalars or [batch]
+    lo, hi = np.reshape(lo, (-1, 1)), np.reshape(hi, (-1, 1))
+    theta, delta = (hi + lo) / 2, (hi - lo) / 2
+    basis = lambda t: np.polynomial.chebyshev.Chebyshev.basis(t)
+    return lambda s, t: (1 - basis(t)((theta - s) / delta) / basis(t)(theta / delta)) / s
+  np.testing.assert_allclose(r["chebyshev_error"], _spectral_errors(X, Y, Xq, tg, chebyshev(lo, hi)),
+                             rtol=1e-8)
+  eig = np.linalg.eigvalsh(X @ np.swapaxes(X, 1, 2) / n)
+  np.testing.assert_allclose(r["chebyshev_oracle_error"],
+                             _spectral_errors(X, Y, Xq, tg, chebyshev(eig[:, 0], eig[:, -1])), rtol=1e-8)
+  # Newton–Schulz step t from M_0 = I/||Σ̂||_F is 2^t GD steps of step α = 1/||Σ̂||_F.
+  alpha = 1 / np.sqrt(np.sum(eig ** 2, axis=-1, keepdims=True))
+  np.testing.assert_allclose(r["newton_error"],
+                             _spectral_errors(X, Y, Xq, tg, lambda s, t: (1 - (1 - alpha * s) ** 2 ** t) / s),
+                             rtol=1e-8)
+  # CG: its first step is the exact line search along b; after d steps it is least squares.
+  b = Y @ np.swapaxes(X, 1, 2) / n
+  sigma_hat = X @ np.swapaxes(X, 1, 2) / n
+  step = np.sum(b * b, axis=-1) / np.einsum("bod,bde,boe->bo", b, sigma_hat, b)
+  assert r["cg_error"][0] == pytest.approx(np.mean((step[..., None] * b @ Xq - tg) ** 2), rel=1e-10)
+  np.testing.assert_allclose(r["cg_error"][D_IN - 1:], r["least_squares_error"][D_IN - 1:], rtol=1e-8)
+  # Whitened GD: the looped construction itself, through the textbook loop, at the fitted knobs.
+  pq, eta = r["whitened_gd_pq"], r["whitened_gd_step"]
+  assert pq > 0 and eta > 0  # Σ ≠ I: whitening the inputs pays
+  Pw = np.diag(np.r_[np.full(D_IN, pq), np.full(D_OUT, eta)])
+  Qw = np.diag(np.r_[-np.ones(D_IN), np.zeros(D_OUT)])
+  outs, _ = ref.looped_transformer_textbook(Pw, Qw, _numpy_prompts(task)[4], L, M, D_OUT)
+  np.testing.assert_allclose(r["whitened_gd_error"], np.mean((outs - tg) ** 2, axis=(1, 2, 3)), rtol=1e-9)
+  # The knobs are `fit_whitened_gd` on the scan prompts at T (here all of them: 256 < FIT_PROMPTS).
+  with jax.enable_x64(True):
+    sc = _prompts(task, 3, 1)
+    fit = algorithms.fit_whitened_gd(sc.X, sc.Y, sc.X_query, sc.targets, steps=T)
+  assert (pq, eta) == fit[:2] and r["whitened_gd_fit_prompts"] == PROMPTS
+  for key in ladder.ERROR_KEYS + ladder.COMPARISON_KEYS:
+    assert len(r[key]) == L and r[key + "_nonfinite"] == [0] * L, key
+  for key in ladder.ERROR_KEYS:
+    assert len(r[key + "_median"]) == L and key in report_lib.PER_LOOP_KEYS, key
+
+
+def test_closest_algorithm_to_the_gd_construction_is_gd(gd_report):
+  """GD's own construction: closest to GD at prediction L2 ≈ 0, far ahead of the runner-up; it
+  never moves the input rows, so κ̂, λ_min, λ_max of X_t X_tᵀ/n are flat in t."""
+  r = gd_report[3]
+  ranking = r["closest_algorithm_ranking"]
+  assert r["closest_algorithm"] == ranking[0][0] == "gd"
+  assert sorted(a for a, _ in ranking) == sorted(ladder.CANDIDATES)
+  assert [v for _, v in ranking] == sorted(v for _, v in ranking)
+  assert ranking[0][1] == r["prediction_l2"][T - 1] < 1e-12
+  assert r["pgd_prediction_l2"][T - 1] == dict(ranking)["pgd"] > 1e-3
+  margin = r["closest_algorithm_margin"]
+  assert margin is None or margin > 1e9  # null only when GD's L2 is exactly 0
+  assert margin is None or margin == pytest.approx(ranking[1][1] / ranking[0][1], rel=1e-12)
+  np.testing.assert_allclose(r["sensitivity_cosine"], 1.0, atol=1e-12)
+  # Whitened GD's first step is η·b, parallel to GD's; later ones are a different algorithm.
+  assert r["whitened_gd_sensitivity_cosine"][0] == pytest.approx(1.0, abs=1e-12)
+  assert r["whitened_gd_sensitivity_cosine"][T - 1] < 1 - 1e-4
+  text = " ".join(r["findings"])
+  assert "closest to GD (η*)" in text and "against the ladder" in text
+  assert "## Ladder of reference algorithms" in report_lib.report_markdown(r)
+
+  mech = r["mechanism"]
+  assert mech["loops"] == list(range(L + 1)) and mech["prompts"] == PROMPTS
+  X = _numpy_prompts(_task())[0]
+  eig = np.linalg.eigvalsh(X @ np.swapaxes(X, 1, 2) / N)
+  for name, values in (("kappa_hat", eig[:, -1] / eig[:, 0]), ("lambda_min", eig[:, 0]),
+                       ("lambda_max", eig[:, -1])):
+    curve = np.array(mech[f"model_{name}_median"])
+    assert np.all(curve == curve[0]), name  # flat: the input rows never change
+    assert curve[0] == pytest.approx(np.median(values), rel=1e-10), name
+    # The whitening construction starts from the same prompts but moves them: μ ↦ μ(1 − pq·μ)².
+    mu, pq, expected = eig.copy(), r["whitened_gd_pq"], []
+    for t in range(L + 1):
+      expected.append(np.median({"kappa_hat": mu.max(-1) / mu.min(-1), "lambda_min": mu.min(-1),
+                                 "lambda_max": mu.max(-1)}[name]))
+      mu = mu * (1 - pq * mu) ** 2
+    np.testing.assert_allclose(mech[f"whitened_gd_{name}_median"], expected, rtol=1e-8)
+  whitened = mech["whitened_gd_kappa_hat_median"]
+  assert np.all(np.diff(whitened) < 0)  # κ̂ falls every loop: not flat
+
+
+def test_closest_algorithm_to_the_whitening_construction_is_whitened_gd(gd_report):
+  """The fitted whitening construction's own (P, Q) through analyze: closest to whitened GD at
+  L2 ≈ 0, its error is whitened_gd_error, and its mechanism curves are the construction's."""
+  r = gd_report[3]
+  with jax.enable_x64(True):
+    Pw, Qw = (np.asarray(w) for w in algorithms.whitened_gd_weights(
+        D_IN, D_OUT, p=r["whitened_gd_pq"], q=1.0, step_size=r["whitened_gd_step"]))
+  rw = _analyze(Pw, Qw)
+  assert (rw["whitened_gd_pq"], rw["whitened_gd_step"]) == (r["whitened_gd_pq"], r["whitened_gd_step"])
+  assert rw["closest_algorithm"] == "whitened_gd"
+  (_, l2), (_, runner) = rw["closest_algorithm_ranking"][:2]
+  assert l2 < 1e-12 and runner > 1e-3
+  assert rw["closest_algorithm_margin"] is None or rw["closest_algorithm_margin"] > 1e9
+  assert max(rw["whitened_gd_prediction_l2"]) < 1e-12
+  np.testing.assert_allclose(rw["whitened_gd_sensitivity_cosine"], 1.0, atol=1e-12)
+  np.testing.assert_allclose(rw["model_error"], rw["whitened_gd_error"], rtol=1e-9)
+  np.testing.assert_allclose(rw["whitened_gd_error"], r["whitened_gd_error"], rtol=1e-12)
+  for name in ladder.SPECTRUM:
+    np.testing.assert_allclose(rw["mechanism"][f"model_{name}_median"],
+                               rw["mechanism"][f"whitened_gd_{name}_median"], rtol=1e-9)
+  assert "closest to whitened GD" in " ".join(rw["findings"])
+
+
+def test_ladder_figures_hold_report_numbers(gd_report):
+  """errors.png shows the whole ladder (round-off rungs do not set the axis), the ladder and
+  mechanism figures plot exactly the report's numbers."""
+  r = json.loads(json.dumps(gd_report[3]))
+  figs = {name: plots.FIGURES[name](r) for name in ("errors", "ladder", "mechanism")}
+  seen = _check_figures_match(figs, r)
+  assert set(ladder.ERROR_KEYS) <= seen
+  assert {ladder.key(a, m) for a in ladder.CANDIDATES for m in ("prediction_l2", "sensitivity_cosine")} <= seen
+  assert {f"mechanism.{who}_{name}_median" for who in ("model", "whitened_gd")
+          for name in ladder.SPECTRUM} <= seen
+  labels = [t.get_text() for t in figs["errors"].axes[0].get_legend().get_texts()]
+  assert len(labels) == len(set(labels)) >= len(plots.ERROR_LINES) + len(ladder.ALGORITHMS)
+  # CG at round-off (noise-free prompts reach ~1e-30 at t = d) does not stretch the axis.
+  low = dict(r, cg_error=[1e-30] * L, newton_error=[1e-31] * L)
+  assert plots.error_vs_loops(low).axes[0].get_ylim() == figs["errors"].axes[0].get_ylim()

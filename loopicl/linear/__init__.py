@@ -11,6 +11,8 @@
   family.py        the family: schema, loss, training-time evaluator, summary (registered)
   evaluation.py    the offline report: per-prompt metrics against GD, `analyze` assembles it
   baselines.py     the baselines' tuned knobs on separate scan prompts (η*, c*·Σ⁻¹, ridge λ*)
+  ladder.py        the algorithm ladder in the report: its knobs, errors, closeness to the model,
+                   the closest algorithm, the mechanism (κ̂ of the input rows against the loop)
   report.py        the weight report, plain-language findings, report.json/.md, TensorBoard
   plots.py         the report's figures and the one weight heatmap
 """

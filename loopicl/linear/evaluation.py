@@ -4,8 +4,9 @@
 and returns a JSON-serialisable report: the query error after every loop t = 1..loops_max next to
 the baselines a fair comparison needs, von Oswald et al.'s function-space alignment with GD, and
 what the weights themselves say (distance to the GD construction, implied preconditioner).
-This module computes the numbers; `baselines` defines and tunes the baselines, `report` reads the
-weights and words the findings and writes the files, `plots` draws the figures.
+This module computes the numbers; `baselines` defines and tunes the baselines, `ladder` the
+ladder of reference algorithms (which one did the loop learn?), `report` reads the weights and
+words the findings and writes the files, `plots` draws the figures.
 
 Baselines (`baselines` module docstring): `gd_error` (best constant step η*), `pgd_error`
 (c*·Σ⁻¹), `least_squares_error` and `ridge_error` (best λ), tuned at the trained T on *separate*
@@ -16,6 +17,11 @@ evaluation prompts.  GD with the per-prompt optimal step contracts ||W_t − W_L
 ρ(κ̂) per step, so this is the slope a typical prompt would follow; it is a reference *line*, not
 a guarantee for the mean error of constant-step GD (and with label noise the errors level off at
 `least_squares_error`, which the line ignores).
+
+The ladder (`ladder`): `cg_error`, `chebyshev_error`, `chebyshev_oracle_error`, `newton_error`
+(Newton–Schulz step t, worth 2^t GD steps, compared by loop count) and `whitened_gd_error` (fitted
+at T on scan prompts), with the model's distance to each; `closest_algorithm` at T; `mechanism`:
+κ̂, λ_min, λ_max of the model's input rows over loops, next to the whitening construction's.
 
 Function-space alignment (von Oswald et al.): a query column only ever influences itself and
 evolves linearly given the context (z_q ← (I + P·Z M Zᵀ·Q/n) z_q), so ŷ_t is *linear* in x_q and
@@ -55,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import baselines, construction, model as model_lib, tasks, weights
+from loopicl.linear import baselines, construction, ladder, model as model_lib, tasks, weights
 from loopicl.linear import report as report_lib
 
 # Per-chunk element budget for the loop states [chunk, D, n + m + d] (float64) and read-outs.
@@ -111,36 +117,33 @@ def query_sensitivities_autodiff(P: jax.Array, Q: jax.Array, Z0: jax.Array, *, l
 
 
 @functools.partial(jax.jit, static_argnames=("loops", "d_out", "n_queries", "weight_readout"))
-def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, *, loops: int,
-                       d_out: int, n_queries: int, weight_readout: bool = False) -> dict[str, jax.Array]:
+def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, knobs=None, *,
+                       loops: int, d_out: int, n_queries: int,
+                       weight_readout: bool = False) -> dict[str, jax.Array]:
   """Every per-loop, per-prompt number of the report: a dict of [loops, batch] arrays.
 
-  gd_step: scalar η*; pgd_preconditioner: [d, d] (c*·Σ⁻¹).  Keys: model_error, gd_error,
-  pgd_error, gd_weight_error, pgd_weight_error (relative ||W − W*||_F) and, with weight_readout
-  (vector_generation: the read-out is Ŵ_t), model_weight_error; sensitivity_cosine,
-  sensitivity_l2, prediction_l2.  Non-finite values are left in (NaN/inf): summaries handle them.
+  gd_step: scalar η*; pgd_preconditioner: [d, d] (c*·Σ⁻¹); knobs: `ladder.tune`'s dict, or None
+  for no ladder.  Keys: model_error, gd_weight_error, pgd_weight_error (relative ||W − W*||_F) and,
+  with weight_readout (vector_generation: the read-out is Ŵ_t), model_weight_error; for GD, PGD
+  and every rung of the ladder the query error and the model's distance to it
+  (`ladder.against_model`: GD's as sensitivity_cosine, sensitivity_l2, prediction_l2).
+  Non-finite values are left in (NaN/inf): summaries handle them.
   """
-  m = n_queries
-  preds, sens = query_sensitivities(P, Q, batch.Z0, loops=loops, d_out=d_out, n_queries=m)
+  preds, sens = query_sensitivities(P, Q, batch.Z0, loops=loops, d_out=d_out, n_queries=n_queries)
   W_gd = construction.gd_iterates(batch.X, batch.Y, steps=loops, step_size=gd_step)[1:]
   W_pgd = construction.gd_iterates(batch.X, batch.Y, steps=loops,
                                    preconditioner=pgd_preconditioner)[1:]   # [loops, batch, d_out, d]
-  gd_preds = W_gd @ batch.X_query
   out = {
       "model_error": tasks.query_mse(preds, batch.targets),
-      "gd_error": tasks.query_mse(gd_preds, batch.targets),
-      "pgd_error": tasks.query_mse(W_pgd @ batch.X_query, batch.targets),
       "gd_weight_error": tasks.relative_weight_error(W_gd, batch.W_star),
       "pgd_weight_error": tasks.relative_weight_error(W_pgd, batch.W_star),
   }
   if weight_readout:  # vector generation: X_query = I, so the read-out block is Ŵ_t itself.
     out["model_weight_error"] = tasks.relative_weight_error(preds, batch.W_star)
-  # GD's sensitivity ∂(W_t x_q)/∂x_q is W_t itself.
-  dot = jnp.sum(sens * W_gd, axis=(-2, -1))
-  norms = jnp.sqrt(jnp.sum(sens ** 2, axis=(-2, -1)) * jnp.sum(W_gd ** 2, axis=(-2, -1)))
-  out["sensitivity_cosine"] = dot / norms
-  out["sensitivity_l2"] = jnp.sqrt(jnp.sum((sens - W_gd) ** 2, axis=(-2, -1)))
-  out["prediction_l2"] = jnp.sqrt(jnp.sum((preds - gd_preds) ** 2, axis=(-2, -1)) / m)
+  algos = {"gd": W_gd, "pgd": W_pgd}
+  algos.update({} if knobs is None else ladder.iterates(batch, knobs, loops=loops))
+  for name, W in algos.items():
+    out.update(ladder.against_model(name, W, preds, sens, batch))
   return out
 
 
@@ -234,6 +237,8 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
 
   # Baselines tuned at the trained T on the scan prompts.
   eta, c_pgd, lam = baselines.tune(sc, task_config, steps=T)
+  recipe = (json.dumps(_task_dict(task_config), sort_keys=True), seed, num_scan)  # of the scan prompts
+  knobs = ladder.tune(sc, task_config, steps=T, memo=recipe)
   sigma = tasks.covariance(task_config)
   sigma_inv = np.linalg.inv(sigma)
   A_pgd = c_pgd * sigma_inv
@@ -241,13 +246,16 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
 
   # Per-prompt metrics, in chunks small enough for the sensitivity tensor.
   columns = int(task_config.n_context) + m + d
-  chunk = max(1, min(num_prompts, _CHUNK_ELEMENTS // max(1, (d + d_out) * columns + L * d_out * (m + d))))
+  per_prompt = (d + d_out) * columns + (1 + len(ladder.CANDIDATES)) * L * (d_out * (m + d) + 4)
+  chunk = max(1, min(num_prompts, _CHUNK_ELEMENTS // per_prompt))
+  chunk = -(-num_prompts // -(-num_prompts // chunk))  # equal chunks: one compiled shape
   alphas = np.linspace(0.0, 1.0, n_alpha)
   parts, interp = [], []
   for s in range(0, num_prompts, chunk):
     b = jax.tree.map(lambda x: x[s:s + chunk], ev)
     parts.append(jax.device_get(per_prompt_metrics(
-        P, Q, b, jnp.asarray(eta), jnp.asarray(A_pgd), loops=L, d_out=d_out, n_queries=m,
+        P, Q, b, jnp.asarray(eta), jnp.asarray(A_pgd), {k: jnp.asarray(v) for k, v in knobs.items()},
+        loops=L, d_out=d_out, n_queries=m,
         weight_readout=task_config.kind == "vector_generation")))
     if s < n_interp:
       k = min(chunk, n_interp - s)
@@ -267,13 +275,13 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   r: dict[str, Any] = {"loops": loops, "trained_loops": T, "loops_max": L,
                        "num_prompts": num_prompts, "num_scan_prompts": num_scan, "seed": seed,
                        "task": _task_dict(task_config)}
-  error_keys = ("model_error", "gd_error", "pgd_error")
+  error_keys = ("model_error", "gd_error", "pgd_error") + ladder.ERROR_KEYS
   if task_config.kind == "vector_generation":
     error_keys += ("model_weight_error", "gd_weight_error", "pgd_weight_error")
   for key in error_keys:
     s = stats.summarize(per[key])
     r[key], r[key + "_median"], r[key + "_nonfinite"] = s["mean"], s["median"], s["nonfinite"]
-  for key in ("sensitivity_cosine", "sensitivity_l2", "prediction_l2"):
+  for key in ("sensitivity_cosine", "sensitivity_l2", "prediction_l2") + ladder.COMPARISON_KEYS:
     s = stats.summarize(per[key])
     r[key], r[key + "_nonfinite"] = s["mean"], s["nonfinite"]
   for key, v in (("least_squares_error", ls_err), ("ridge_error", ridge_err)):
@@ -284,6 +292,7 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   r["bound"] = [py(e0 * rho ** (2 * t)) for t in loops]
   r.update(gd_step_size=py(eta), pgd_scale=py(c_pgd), ridge_lambda=py(lam),
            bound_initial_error=py(e0), bound_kappa_hat_median=py(kappa), bound_rate=py(rho))
+  r.update({k: py(v) for k, v in knobs.items()}, whitened_gd_fit_prompts=min(ladder.FIT_PROMPTS, num_scan))
 
   s = stats.summarize(interp)
   r["interpolation"] = [{"alpha": float(a), "error": e, "error_median": md, "nonfinite": nf}
@@ -294,6 +303,8 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   r.update(report_lib.weight_report(P_np, Q_np, P_cs, Q_cs, d_out=d_out, eta=eta, c_pgd=c_pgd,
                                     sigma=sigma, sigma_inv=sigma_inv))
   r["at_trained_loops"] = {k: r[k][T - 1] for k in report_lib.PER_LOOP_KEYS}
+  r.update(ladder.closest(r, T))
+  r["mechanism"] = ladder.mechanism(P, Q, knobs, ev, loops=L, d=d, d_out=d_out, n_queries=m)
   r["model_rate"] = _geometric_rate(r["model_error"], T)
   r["gd_rate"] = _geometric_rate(r["gd_error"], T)
   r["findings"] = report_lib.findings(r)

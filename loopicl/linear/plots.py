@@ -3,8 +3,11 @@
 Every function takes the report dict (as returned or as read back from report.json) and returns a
 `matplotlib.figure.Figure` rendered by the Agg canvas — no pyplot, so no global figure state and
 no display backend.  Each data-carrying artist is tagged with `artist.set_gid(<report key>)`
-(e.g. "model_error", "weights.P", "interpolation.error"), which is how the tests check that every
-plotted number is in report.json.  Null (non-finite) values are drawn as gaps.
+(e.g. "model_error", "weights.P", "interpolation.error", "mechanism.model_kappa_hat_median"),
+which is how the tests check that every plotted number is in report.json.  Null (non-finite)
+values are drawn as gaps.  `FIGURES` names them all: the errors with the whole ladder of reference
+algorithms, the sensitivity, weights, preconditioner, interpolation, the ladder (the model's
+distance to every algorithm) and the mechanism (the input rows' spectrum over loops).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from loopicl.linear.ladder import key as algorithm_key
 
 # (report key, legend label, style) of the error-vs-loops lines.
 ERROR_LINES = (
@@ -24,6 +29,23 @@ ERROR_LINES = (
     ("ridge_error", "ridge, best λ", dict(color="C4", lw=1.2, ls=(0, (5, 1)))),
     ("bound", "theory line e₀·ρ(κ̃)²ᵗ", dict(color="gray", lw=1.2, ls="--")),
 )
+
+# The ladder of reference algorithms (`ladder`): name, legend label, style (thin, each its own
+# colour and marker).  Some reach round-off (CG at t = d, Newton–Schulz soon: step t is 2ᵗ GD
+# steps), so on errors.png they do not set the axis: what falls below the other curves is cut off.
+LADDER_LINES = (
+    ("cg", "conjugate gradients", dict(color="C5", lw=1.2, marker="s", ms=2.5)),
+    ("chebyshev", "Chebyshev, Marchenko–Pastur bounds", dict(color="C6", lw=1.2, ls="--")),
+    ("chebyshev_oracle", "Chebyshev, each prompt's λ_min, λ_max",
+     dict(color="C6", lw=1.2, ls=":", marker=".", ms=3)),
+    ("newton", "Newton–Schulz (step t ≈ 2ᵗ GD steps)",
+     dict(color="C9", lw=1.2, ls="-.", marker="^", ms=2.5)),
+    ("whitened_gd", "whitened GD, fitted (pq, η)", dict(color="C8", lw=1.6, marker="d", ms=2.5)),
+)
+# Every candidate of `closest_algorithm`, for the ladder figure.
+CANDIDATE_LINES = (("gd", "GD, best constant step η*", dict(color="C1", lw=1.6)),
+                   ("pgd", "preconditioned GD, c*·Σ⁻¹", dict(color="C2", lw=1.6, ls="--")),
+                   *LADDER_LINES)
 
 
 # Lines constant in t (the fixed points GD and ridge converge to): floors, not curves.
@@ -51,7 +73,7 @@ def _g(x) -> str:
   return "n/a" if x is None else f"{x:.3g}"
 
 
-def _log_y(ax, cap: float | None = None, floors: tuple[str, ...] = ()) -> None:
+def _log_y(ax, cap: float | None = None, floors: tuple[str, ...] = (), free: tuple[str, ...] = ()) -> None:
   """Log y over the tagged data lines, with explicit limits.
 
   A diverging model reaches 1e300, and a log axis autoscaled over that (or over inf) is useless:
@@ -59,11 +81,11 @@ def _log_y(ax, cap: float | None = None, floors: tuple[str, ...] = ()) -> None:
   Floors (lines tagged with a gid in `floors`, e.g. least squares at 1e-30 on noise-free
   prompts) do not set the limits: one far below the curves is named at the bottom instead of
   squeezing every curve into the top of the axis.  Without any finite positive value the axis
-  stays linear and says so.
+  stays linear and says so.  Lines tagged with a gid in `free` are drawn but set no limit.
   """
   # Only the report's data lines (tagged with a gid): axvline's y data are axes fractions.
   values = np.concatenate([np.asarray(line.get_ydata(), float).ravel() for line in ax.lines
-                           if line.get_gid() is not None and line.get_gid() not in floors]
+                           if line.get_gid() is not None and line.get_gid() not in floors + free]
                           or [np.zeros(0)])
   positive = values[np.isfinite(values) & (values > 0)]
   if positive.size == 0:
@@ -84,6 +106,14 @@ def _log_y(ax, cap: float | None = None, floors: tuple[str, ...] = ()) -> None:
             fontsize=8, color="gray", gid="floors_below_axis")
 
 
+def _cap(values, factor: float) -> float | None:
+  """factor × the largest finite positive value (the top of a log axis a diverging curve may
+  pass), or None without one."""
+  v = _arr(values)
+  v = v[np.isfinite(v) & (v > 0)]
+  return factor * v.max() if v.size else None
+
+
 def _error_cap(report) -> float | None:
   """The top of an error axis: 1e4 × the error of predicting 0 (e₀); above it a run has diverged."""
   e0 = report.get("bound_initial_error")
@@ -97,24 +127,24 @@ def _trained_marker(ax, report):
 
 
 def error_vs_loops(report: dict[str, Any]) -> Figure:
-  """Query MSE vs loops (log y): the model and every baseline, the theory line, the trained T."""
-  fig, axes = _new(7.5, 4.8)
+  """Query MSE vs loops (log y): the model, every baseline and the ladder, the theory line, T."""
+  fig, axes = _new(10, 5)
   ax = axes[0, 0]
   loops = np.asarray(report["loops"])
-  for key, label, style in ERROR_LINES:
+  for key, label, style in ERROR_LINES + tuple((f"{a}_error", lb, st) for a, lb, st in LADDER_LINES):
     if key in report:
       (line,) = ax.plot(loops, _arr(report[key]), label=label, **style)
       line.set_gid(key)
   _trained_marker(ax, report)
-  _log_y(ax, cap=_error_cap(report), floors=FLOOR_LINES)
+  _log_y(ax, cap=_error_cap(report), floors=FLOOR_LINES, free=tuple(f"{a}_error" for a, _, _ in LADDER_LINES))
   ax.set_xlabel("loop t")
   ax.set_ylabel("query MSE (held-out prompts)")
   bad = max(report.get("model_error_nonfinite", [0]))
-  title = "Learned looped transformer vs GD baselines"
+  title = "Learned looped transformer vs GD baselines and the ladder of reference algorithms"
   ax.set_title(title + (f"\n(up to {bad} of {report['num_prompts']} prompts non-finite: "
                         "left out of the means)" if bad else ""), fontsize=11)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8, loc="best")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return fig
 
 
@@ -139,9 +169,7 @@ def sensitivity(report: dict[str, Any]) -> Figure:
     (line,) = ax.plot(loops, _arr(report[key]), color=color, marker="o", ms=3, label=label)
     line.set_gid(key)
   _trained_marker(ax, report)
-  first = np.array([_arr(report[k])[0] for k in ("sensitivity_l2", "prediction_l2")])
-  first = first[np.isfinite(first) & (first > 0)]
-  _log_y(ax, cap=1e4 * first.max() if first.size else None)
+  _log_y(ax, cap=_cap([report[k][0] for k in ("sensitivity_l2", "prediction_l2")], 1e4))
   ax.set_xlabel("loop t")
   ax.set_ylabel("L2 distance (mean over prompts)")
   ax.set_title("Distance to GD in function space")
@@ -241,8 +269,57 @@ def interpolation(report: dict[str, Any]) -> Figure:
   return fig
 
 
+def ladder(report: dict[str, Any]) -> Figure:
+  """The model against every candidate of `closest_algorithm`, per loop: the RMS prediction
+  difference (log y) and the cosine of the sensitivity ∂ŷ/∂x_q with the algorithm's W_t."""
+  fig, axes = _new(12, 4.5, ncols=2)
+  loops = np.asarray(report["loops"])
+  for ax, metric in zip(axes[0], ("prediction_l2", "sensitivity_cosine")):
+    for name, label, style in CANDIDATE_LINES:
+      (line,) = ax.plot(loops, _arr(report[algorithm_key(name, metric)]), label=label,
+                        **{"marker": "o", "ms": 2.5, **style})
+      line.set_gid(algorithm_key(name, metric))
+    _trained_marker(ax, report)
+    ax.set_xlabel("loop t")
+    ax.grid(True, which="both", alpha=0.3)
+  _log_y(axes[0, 0], cap=_cap([report[algorithm_key(a, "prediction_l2")][0]
+                                for a, _, _ in CANDIDATE_LINES], 1e4))
+  axes[0, 0].set_ylabel("‖ŷ model − ŷ algorithm‖ / √m (mean)")
+  axes[0, 0].set_title(f"Distance to each algorithm; closest at T: {report['closest_algorithm']} "
+                       f"({_g(report['closest_algorithm_margin'])}× the runner-up's)", fontsize=10)
+  axes[0, 1].set_ylabel("cosine similarity (mean)")
+  axes[0, 1].set_title("Sensitivity cosine with each algorithm's W_t", fontsize=10)
+  axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return fig
+
+
+def mechanism(report: dict[str, Any]) -> Figure:
+  """κ̂, λ_min, λ_max of the input rows' covariance X_t X_tᵀ/n over loops t = 0..loops_max (median
+  over prompts): the model next to the fitted whitening construction (log y)."""
+  m = report["mechanism"]
+  fig, axes = _new(13, 4, ncols=3)
+  loops = np.asarray(m["loops"])
+  for ax, (name, title) in zip(axes[0], (("kappa_hat", "κ̂ = λ_max / λ_min"), ("lambda_min", "λ_min"),
+                                          ("lambda_max", "λ_max"))):
+    for who, label, style in (("model", "learned model", dict(color="C0", lw=2, marker="o", ms=3)),
+                              ("whitened_gd", f"whitening construction (pq = {_g(report.get('whitened_gd_pq'))})",
+                               dict(color="C8", lw=1.4, ls="--"))):
+      key = f"{who}_{name}_median"
+      (line,) = ax.plot(loops, _arr(m[key]), label=label, **style)
+      line.set_gid(f"mechanism.{key}")
+    _trained_marker(ax, report)
+    ax.set_xlim(-1, report["loops_max"] + 1)
+    _log_y(ax, cap=_cap([m[f"{who}_{name}_median"][0] for who in ("model", "whitened_gd")], 1e6))
+    ax.set_xlabel("loop t")
+    ax.set_title(f"{title} of X_t X_tᵀ/n (median of {m['prompts']} prompts)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0, 0].legend(fontsize=8)
+  return fig
+
+
 FIGURES = {"errors": error_vs_loops, "sensitivity": sensitivity, "weights": weights_figure,
-           "preconditioner": preconditioner, "interpolation": interpolation}
+           "preconditioner": preconditioner, "interpolation": interpolation, "ladder": ladder,
+           "mechanism": mechanism}
 
 
 def all_figures(report: dict[str, Any]) -> dict[str, Figure]:

@@ -1,10 +1,12 @@
 """The evaluation report's layout, what it says in words, and its outputs.
 
 `evaluation.analyze` computes the numbers; this module owns what is read off them and how they
-are written: the loop-indexed keys (`PER_LOOP_KEYS`), the weight section (`weight_report`: the
-learned (P, Q) against the GD construction, the implied preconditioner Â against η*·I and c*·Σ⁻¹),
-the plain-language `findings`, report.json / report.md / figures / weights.npz (`write_report`)
-and the TensorBoard scalars, text and figures (`log_to_tensorboard`).
+are written: the loop-indexed keys (`PER_LOOP_KEYS`, the ladder's included), the weight section
+(`weight_report`: the learned (P, Q) against the GD construction, the implied preconditioner Â
+against η*·I and c*·Σ⁻¹), the plain-language `findings`, report.json / report.md / figures /
+weights.npz (`write_report`) and the TensorBoard scalars, text and figures (`log_to_tensorboard`).
+The ladder of reference algorithms words its own sentences and tables (`ladder.findings`,
+`ladder.markdown`), which `findings` and report.md include.
 
 Every number is a Python float or None (JSON null) for a non-finite value; the `<key>_nonfinite`
 counts beside the per-loop lists say why.  Shapes: P, Q: [D, D] with D = d + d_out.
@@ -17,18 +19,20 @@ from typing import Any
 import numpy as np
 
 from loopicl import jsonfile
-from loopicl.linear import weights
+from loopicl.linear import ladder, weights
 from loopicl.stats import py_float
 
 # Loop-indexed report lists (aligned with `loops`) that `write_report` tabulates.
 PER_LOOP_KEYS = ("model_error", "gd_error", "pgd_error", "least_squares_error", "ridge_error",
-                 "bound", "sensitivity_cosine", "sensitivity_l2", "prediction_l2")
+                 "bound", "sensitivity_cosine", "sensitivity_l2", "prediction_l2",
+                 *ladder.ERROR_KEYS, *ladder.COMPARISON_KEYS)
 
 # Scalars worth a TensorBoard time series over training steps.
 TB_SCALARS = ("weight_distance", "offblock_fraction", "gd_step_equivalent", "gd_step_size",
               "preconditioner_cosine_identity", "preconditioner_cosine_sigma_inv",
               "preconditioner_asymmetry", "preconditioner_complex_eigenvalues",
-              "population_contraction", "model_rate", "gd_rate")
+              "population_contraction", "model_rate", "gd_rate", "closest_algorithm_margin",
+              "whitened_gd_pq", "whitened_gd_step")
 
 # A ratio inside [1 − TIE, 1 + TIE] reads as "matches" in the findings.
 TIE = 0.05
@@ -101,6 +105,11 @@ def _fmt(x) -> str:
   return "n/a" if x is None else f"{x:.3g}"
 
 
+def _verdict(ratio: float) -> str:
+  """The TIE rule for a model/reference error ratio."""
+  return "beats" if ratio < 1 - TIE else ("loses to" if ratio > 1 + TIE else "matches")
+
+
 def findings(r: dict[str, Any]) -> list[str]:
   """Short sentences read off the report's numbers (what a reader should notice first)."""
   T, i = r["trained_loops"], r["trained_loops"] - 1
@@ -116,9 +125,8 @@ def findings(r: dict[str, Any]) -> list[str]:
                       ("preconditioned GD with c·Σ⁻¹", None if same else pgd)):
       if ref is not None and ref > 0:
         ratio = model / ref
-        verdict = "beats" if ratio < 1 - TIE else ("loses to" if ratio > 1 + TIE else "matches")
         out.append(f"model error at T={T} is {ratio:.3g}× {name} ({_fmt(model)} vs {_fmt(ref)}): "
-                   f"the model {verdict} it")
+                   f"the model {_verdict(ratio)} it")
     ls = r["least_squares_error"][0]
     if ls is not None:
       out.append(f"least squares (the GD fixed point) reaches {_fmt(ls)}; ridge at λ={_fmt(r['ridge_lambda'])} "
@@ -170,7 +178,7 @@ def findings(r: dict[str, Any]) -> list[str]:
              else "no barrier")
     out.append(f"along the straight line learned → construction the error goes {_fmt(errs[0])} → "
                f"{_fmt(errs[-1])} with {shape}")
-  return out
+  return out + ladder.findings(r)
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -191,21 +199,27 @@ def report_markdown(report: dict[str, Any]) -> str:
           ("prediction_l2", "pred. L2")]
   if "model_weight_error" in r:
     cols.insert(3, ("model_weight_error", "model ||Ŵ−W*||/||W*||"))
-  lines += ["", "## Per loop", "", "| t | " + " | ".join(c for _, c in cols) + " |",
-            "|---" * (len(cols) + 1) + "|"]
-  for j, t in enumerate(r["loops"]):
-    cells = [str(r[k][j]) if k.endswith("nonfinite") else _fmt(r[k][j]) for k, _ in cols]
-    row = f"| {t} | " + " | ".join(cells) + " |"
-    lines.append(row.replace("| ", "| **", 1).replace(f"**{t} |", f"**{t}** |")
-                 if t == r["trained_loops"] else row)
+  lines += ["", "## Per loop", ""] + _loop_table(r, [c for _, c in cols], lambda j: [
+      str(r[k][j]) if k.endswith("nonfinite") else _fmt(r[k][j]) for k, _ in cols])
+  lines += ladder.markdown(r)
   lines += ["", "## Interpolation (learned → construction, at T)", "", "| α | error | median | non-finite |",
             "|---|---|---|---|"]
   lines += [f"| {p['alpha']:.3g} | {_fmt(p['error'])} | {_fmt(p['error_median'])} | {p['nonfinite']} |"
             for p in r["interpolation"]]
   lines += ["", "## Figures", ""]
-  lines += [f"![{name}]({name}.png)" for name in ("errors", "sensitivity", "weights",
-                                                   "preconditioner", "interpolation")]
+  lines += [f"![{name}]({name}.png)" for name in ("errors", "sensitivity", "weights", "preconditioner",
+                                                   "interpolation", "ladder", "mechanism")]
   return "\n".join(lines) + "\n"
+
+
+def _loop_table(r: dict[str, Any], headers: list[str], cells_of) -> list[str]:
+  """A markdown table with one row per loop, the trained T in bold; cells_of(j): the row's cells."""
+  lines = ["| t | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+  for j, t in enumerate(r["loops"]):
+    row = f"| {t} | " + " | ".join(cells_of(j)) + " |"
+    lines.append(row.replace("| ", "| **", 1).replace(f"**{t} |", f"**{t}** |")
+                 if t == r["trained_loops"] else row)
+  return lines
 
 
 def write_report(report: dict[str, Any], outdir: str, P=None, Q=None, *,
