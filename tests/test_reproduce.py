@@ -11,6 +11,7 @@ import pytest
 
 from loopicl import config as config_lib, family as family_lib, sweep, train
 from loopicl.experiments import reproduce
+from loopicl.experiments.reproduce import compute
 from loopicl.linear import construction
 from tests.test_train import tiny_config
 
@@ -36,6 +37,24 @@ def tiny_grid(train_mode="window"):
   return c
 
 
+def _check_ladder_rows(rows):
+  """Every ladder method has one row at each (setting, T, seed) of a construction row, on the
+  construction's prompts: GD's error and error at W = 0 copied, ratio = error / GD's error."""
+  assert {r["method"] for r in rows} >= set(reproduce.LADDER_METHODS)
+  key = lambda r: (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["loops"], r["seed"])
+  gd = {key(r): r for r in rows if r["method"] == "construction"}
+  for method in reproduce.LADDER_METHODS:
+    mine = [r for r in rows if r["method"] == method]
+    assert sorted(map(key, mine)) == sorted(gd), method
+    for r in mine:
+      c = gd[key(r)]
+      assert (r["gd_error"], r["error_at_zero"], r["kappa_hat"]) == (c["error"], c["error_at_zero"],
+                                                                     c["kappa_hat"])
+      assert float(r["ratio_to_construction"]) == pytest.approx(
+          float(r["error"]) / float(c["error"]), rel=2e-5)
+      assert r["nonfinite_prompts"] == "0" and r["train_mode"] == r["weight_distance"] == ""
+
+
 @pytest.mark.parametrize("train_mode", ["window", "per_loops"])
 def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   config = tiny_grid(train_mode)
@@ -43,7 +62,9 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   out = reproduce.run(config, str(tmp_path), log=logs.append)
   assert out["skipped"] == 0 and out["computed"] == len(reproduce.points(config))
   with open(tmp_path / "results.csv") as f:
-    rows = list(csv.DictReader(f))
+    all_rows = list(csv.DictReader(f))
+  _check_ladder_rows(all_rows)  # the reference ladder's rows; below, the two compared methods
+  rows = [r for r in all_rows if r["method"] not in reproduce.LADDER_METHODS]
   for column in ("task_kind", "d", "n_context", "n_over_d", "condition_number", "loops", "seed",
                  "method", "error", "kappa_hat"):
     assert column in rows[0], column
@@ -83,6 +104,43 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   again = reproduce.run(config, str(tmp_path), log=logs.append)
   assert again["computed"] == 0 and again["skipped"] == out["computed"]
   assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_ladder_errors_match_independent_numpy(tmp_path):
+  """The ladder's results.csv rows of a construction point (no trained point: written by
+  write_outputs), recomputed in numpy float64 from the same test prompts (`eval_prompts`):
+  CG at T >= d is least squares; Newton-Schulz at T is 2^T GD steps of step 1/||Σ̂||_F."""
+  config = tiny_grid()
+  config.experiment.task.noise_std = 0.1  # least squares then differs from W* (no 0 = 0 check)
+  p = [q for q in reproduce.points(config) if q["method"] == "construction"][0]
+  data = reproduce.run_construction(config, p)
+  data.update(point=p, fingerprint=reproduce.fingerprint(config, p), wall_s=0.0, id=reproduce.point_id(p))
+  compute.write_point(str(tmp_path), p, data)
+  rows = reproduce.write_outputs(config, str(tmp_path), figures=False)
+  with open(tmp_path / "results.csv") as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == len(rows) == 2 * 5 * (1 + len(reproduce.LADDER_METHODS))
+  _check_ladder_rows(csv_rows)
+  error = lambda method, T, seed: float(next(
+      r["error"] for r in csv_rows if (r["method"], r["loops"], r["seed"]) == (method, str(T), str(seed))))
+  task = reproduce.task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
+  for seed in config.grid.seeds:
+    with jax.enable_x64(True):
+      test, _ = reproduce.eval_prompts(task, config.grid.eval_seed, seed, config.grid.eval_prompts)
+    X, Y, Xq, targets = (np.asarray(a, np.float64) for a in (test.X, test.Y, test.X_query, test.targets))
+    n = X.shape[-1]
+    sigma, b = X @ X.transpose(0, 2, 1) / n, Y @ X.transpose(0, 2, 1) / n
+    mse = lambda W: float(np.mean(np.mean((W @ Xq - targets) ** 2, axis=(1, 2))))
+    w_ls = np.linalg.solve(sigma, b.transpose(0, 2, 1)).transpose(0, 2, 1)  # b Σ̂⁻¹ (Σ̂ symmetric)
+    for T in (4, 6):  # T >= d = 3
+      assert error("cg", T, seed) == pytest.approx(mse(w_ls), rel=1e-5)
+    alpha = 1 / np.linalg.norm(sigma, axis=(1, 2))[:, None, None]
+    W = np.zeros_like(b)
+    for t in range(1, 2 ** 4 + 1):
+      W = W - alpha * (W @ sigma - b)
+      if t in (2, 4, 8, 16):  # 2^T GD steps: Newton-Schulz step T = 1..4
+        assert error("newton", int(np.log2(t)), seed) == pytest.approx(mse(W), rel=1e-5)
+    assert error("cg", 6, seed) < error("construction", 6, seed)
 
 
 def test_condition_settings_train_in_their_own_mode():

@@ -4,6 +4,9 @@ A point is one (task kind, d, n, κ_Σ) setting and one method:
 
   * `construction` (`run_construction`): GD with the best *constant* step for each T, scanned on
     the seed's scan prompts (`construction.best_constant_steps`), its error on the test prompts;
+    and, on the same test prompts with the same error, the reference-algorithm ladder
+    (`ladder.seed_ladder`: CG, Chebyshev, Newton–Schulz, whitened GD), stored per seed under
+    "ladder" and written as results.csv rows of their own methods;
   * `trained` (`run_trained`): all seeds of a `full` looped transformer trained in one vmapped
     program (`sweep.train_seeds`), read out at every T on the same test prompts, with its
     weights measured against the construction (`linear.weights`).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from typing import Callable
 
 import jax
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import stats, sweep
+from loopicl.experiments.reproduce import ladder
 from loopicl.experiments.reproduce.grid import (experiment_config, fingerprint, point_id, points,
                                                 task_config)
 from loopicl.linear import construction, tasks, weights
@@ -63,7 +68,8 @@ def _gd_test_errors(batch: tasks.Batch, step_sizes, *, steps: int, kind: str):
 
 
 def run_construction(config, p: dict) -> dict:
-  """Per seed and T: the best constant step (scanned on the scan prompts) and its test error."""
+  """Per seed and T: the best constant step (scanned on the scan prompts) and its test error,
+  and the reference ladder's errors (`ladder.seed_ladder`) on the same test prompts."""
   g = config.grid
   task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
   out = {"seeds": {}}
@@ -82,6 +88,13 @@ def run_construction(config, p: dict) -> dict:
         rows[str(T)] = {"error": err, "gd_step_size": float(eta), "nonfinite_prompts": bad}
       out["seeds"][str(seed)] = {"loops": rows, "kappa_hat": float(np.median(kappa_hat)),
                                  "error_at_zero": float(np.mean(np.asarray(zero)))}
+      # The reference ladder on the same test prompts, with the same error (after GD's numbers,
+      # which do not depend on it); its seconds are part of wall_s and also apart, ladder_wall_s.
+      t0 = time.time()
+      out["seeds"][str(seed)]["ladder"] = ladder.seed_ladder(
+          task, test, scan, p["loops"], g.fixed_loops,
+          lambda readouts: per_prompt_error(readouts, test, p["kind"]))
+      out["ladder_wall_s"] = out.get("ladder_wall_s", 0.0) + time.time() - t0
   return out
 
 

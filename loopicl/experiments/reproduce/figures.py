@@ -1,13 +1,15 @@
 """The grid's figures: error vs T, error vs n/d and κ_Σ, and trained weights vs the construction.
 
 Built from results.csv rows (via `outputs.aggregate`: mean line, min–max band over seeds) and
-weights.csv rows, with the theory line ρ^T (`theory_line`) beside the construction.  matplotlib
+weights.csv rows, with the theory line ρ^T (`theory_line`) beside the construction and, in the
+error-vs-T figure, the reference ladder's means as thin lines (`ladder.METHODS`).  matplotlib
 is imported only when a figure is drawn (Agg canvas, no display).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from loopicl.experiments.reproduce import ladder
 from loopicl.experiments.reproduce.grid import n_context
 from loopicl.experiments.reproduce.outputs import aggregate
 
@@ -37,6 +39,29 @@ def _band(ax, x, stats, color, label, marker=None, ls="-"):
   hi = np.array([s["hi"] for s in stats])
   ax.plot(x, mean, color=color, marker=marker, ms=4, ls=ls, label=label)
   ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+LADDER_STYLE = {"cg": ("C2", ":"), "chebyshev": ("C3", "-."), "newton": ("C4", (0, (5, 2))),
+                "whitened_gd": ("C5", (0, (1, 1, 3, 1)))}
+
+
+def _ladder_lines(ax, agg, setting) -> None:
+  """The reference ladder's mean error vs T as thin lines (no band: they are references).
+
+  The y-range stays that of the panel's other lines (×10⁻² … ×10 on a log axis): a rung that
+  reaches least squares (~1e-30 on noiseless prompts) or diverges leaves the panel instead of
+  squashing the construction / trained comparison (its numbers are in results.csv, summary.md).
+  """
+  main = [y for line in ax.lines for y in np.asarray(line.get_ydata(), float) if np.isfinite(y) and y > 0]
+  for method in ladder.METHODS:
+    Ts = sorted(k[5] for k in agg if k[:4] == setting and k[4] == method)
+    if Ts:
+      color, ls = LADDER_STYLE[method]
+      ax.plot(Ts, [agg[setting + (method, T)]["mean"] for T in Ts], color=color, ls=ls, lw=0.9,
+              label=ladder.LABELS[method])
+  if main:
+    _log(ax)
+    ax.set_ylim(min(main) / 100, max(main) * 10)
 
 
 def _log(ax):
@@ -70,13 +95,19 @@ def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
               T_line = np.arange(0, max(Ts) + 1)
               ax.plot(T_line, theory_line(kind, s["rate"], s["error_at_zero"], T_line), color="gray", ls="--",
                       lw=1, label="theory ((κ̂−1)/(κ̂+1))^T" + ("" if kind == "vector_generation" else " (squared)"))
+        _ladder_lines(ax, agg, (kind, d, n, 1.0))
         ax.set_title(f"d={d}, n={n} (n/d={r:g}), κ̂≈{agg.get((kind, d, n, 1.0, 'construction', 1), {}).get('kappa_hat', float('nan')):.3g}",
                      fontsize=8)
         ax.set_xlabel("loops T")
         if j == 0:
           ax.set_ylabel(_error_label(kind), fontsize=8)
         _log(ax)
-    axes[0, 0].legend(fontsize=6)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:  # one legend for every panel, below them (7 entries do not fit inside a panel)
+      ncol = max(1, min(4, len(handles), int(3.3 * len(ratios) / 2.3)))  # ~2.3 in per entry
+      fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=6,
+                 title="thin lines: the reference ladder (clipped to each panel's range)",
+                 title_fontsize=6)
     fig.suptitle(f"{kind}: error vs loops (κ_Σ = 1; mean over seeds, band = min–max)", fontsize=9)
     figs[f"error_vs_loops_{kind}"] = fig
 

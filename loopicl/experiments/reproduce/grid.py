@@ -18,6 +18,7 @@ import math
 import ml_collections
 
 from loopicl import config as config_lib
+from loopicl.experiments.reproduce import ladder
 from loopicl.linear import tasks
 
 TRAIN_MODES = ("per_loops", "window")
@@ -165,6 +166,8 @@ def fingerprint(config, p: dict) -> str:
   g = config.grid
   parts = {"point": p, "seeds": list(g.seeds), "eval": [g.eval_prompts, g.eval_seed],
            "task": {k: v for k, v in config.experiment.task.to_dict().items()}}
+  if p["method"] == "construction":  # the ladder's rungs are part of a construction point
+    parts["ladder"] = dict(ladder.spec(), fit_loops=int(g.fixed_loops))
   if p["method"] == "trained":
     exp = experiment_config(config, p["kind"], p["d"], p["n"], p["kappa"], p["loops"][0])
     train = exp.train.to_dict()

@@ -1,7 +1,8 @@
 """The grid's tables: results.csv and weights.csv rows from the point files, and summary.md.
 
-results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`); weights.csv one row
-per trained model and seed, its weights against the construction (`WEIGHT_COLUMNS`).
+results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): construction, trained
+and the reference ladder of each construction point (`ladder.METHODS`); weights.csv one row per
+trained model and seed, its weights against the construction (`WEIGHT_COLUMNS`).
 `aggregate` groups results.csv rows over seeds (mean, min–max, diverged count), and feeds both
 `summary_markdown` (the headline trained / construction table, every grid point, and the fitted
 per-loop contraction of the construction against the theory rate) and the figures.
@@ -15,6 +16,7 @@ import os
 import numpy as np
 
 from loopicl import stats
+from loopicl.experiments.reproduce import ladder
 from loopicl.experiments.reproduce.grid import n_context, train_mode_of
 from loopicl.linear import construction
 
@@ -39,6 +41,32 @@ def _construction_index(data: dict) -> dict:
   return out
 
 
+def _ratio(a: float, b: float) -> float:
+  return a / b if b != 0 else float("nan")
+
+
+def _ladder_rows(key, r: dict, s: dict, pt: dict) -> list[dict]:
+  """The ladder's rows at one (setting, T, seed) of a construction point: the construction row's
+  columns where they mean the same (error, κ̂, theory rate, GD's error and the ratio to it,
+  non-finite prompts, error at W = 0); the training and weight columns blank."""
+  kind, d, n, kappa, T, seed = key
+  rows = []
+  for method in ladder.METHODS:
+    rec = s.get("ladder", {}).get(method, {}).get(str(T))
+    if rec is None:
+      continue
+    rows.append(dict(
+        task_kind=kind, d=d, n_context=n, n_over_d=n / d, condition_number=kappa, loops=T,
+        seed=seed, method=method, error=rec["error"], kappa_hat=s["kappa_hat"],
+        theory_rate=float(construction.convergence_rate(s["kappa_hat"])), gd_step_size="",
+        gd_error=r["error"], ratio_to_construction=_ratio(rec["error"], r["error"]), diverged=0,
+        diverged_at_step=-1, error_at_freeze="", nonfinite_prompts=rec["nonfinite_prompts"],
+        weight_distance="", offblock_fraction="", precond_cos_identity="",
+        precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
+        point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
+  return rows
+
+
 def rows_from_points(config, data: dict) -> list[dict]:
   """The results.csv rows (dicts with CSV_COLUMNS) of every finished point."""
   rows = []
@@ -53,6 +81,7 @@ def rows_from_points(config, data: dict) -> list[dict]:
         weight_distance=0.0, offblock_fraction=0.0, precond_cos_identity=1.0,
         precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
         point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
+    rows += _ladder_rows((kind, d, n, kappa, T, seed), r, s, pt)
   for pt in data.values():
     p = pt["point"]
     if p["method"] != "trained" or p.get("role") == "weights":
@@ -164,24 +193,33 @@ HEADLINE_LOOPS = (1, 2, 5, 10, 20)
 
 
 def headline_table(rows: list[dict], loops=HEADLINE_LOOPS) -> list[str]:
-  """Markdown lines: trained vs construction at a few T, with the per-seed ratio range."""
+  """Markdown lines: trained vs construction at a few T, with the per-seed ratio range and the
+  ladder's errors (the rungs present in rows) beside them."""
   agg = aggregate(rows)
   ratios = {}
   for r in rows:
     if r["method"] == "trained" and not int(r["diverged"]):
       key = (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["loops"])
       ratios.setdefault(key, []).append(float(r["ratio_to_construction"]))
-  lines = ["## Headline: trained / construction at T ∈ {" + ", ".join(map(str, loops)) + "}", "",
-           "| task | d | n/d | κ_Σ | κ̂ (median) | T | construction | trained | trained / construction, seeds min–max | diverged |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  rungs = [m for m in ladder.METHODS if any(r["method"] == m for r in rows)]
+  lines = ["## Headline: trained / construction at T ∈ {" + ", ".join(map(str, loops)) + "}", ""]
+  if rungs:
+    lines += [f"{ladder.SHORT[rungs[0]]} … {ladder.SHORT[rungs[-1]]}: the reference ladder on the "
+              "same prompts, mean error over seeds (CG = conjugate gradients; Chebyshev on the "
+              "setting's Marchenko–Pastur edges).", ""]
+  lines += ["| task | d | n/d | κ_Σ | κ̂ (median) | T | construction | trained | "
+            + "".join(f"{ladder.SHORT[m]} | " for m in rungs)
+            + "trained / construction, seeds min–max | diverged |",
+            "|---|---|---|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|"]
   for kind, d, n, kap, method, T in sorted(agg):
     t = agg.get((kind, d, n, kap, "trained", T))
     if method != "construction" or T not in loops or t is None:
       continue
     c, rs = agg[(kind, d, n, kap, method, T)], ratios.get((kind, d, n, kap, T), [])
     span = f"{_fmt(min(rs))}–{_fmt(max(rs))}" if rs else "—"
+    rung = "".join(f"{_fmt(agg.get((kind, d, n, kap, m, T), {}).get('mean'))} | " for m in rungs)
     lines.append(f"| {kind} | {d} | {n / d:g} | {kap:g} | {_fmt(c['kappa_hat'])} | {T} | {_fmt(c['mean'])} | "
-                 f"{_fmt(t['mean'])} | {span} | {t['diverged']}/{t['seeds']} |")
+                 f"{_fmt(t['mean'])} | {rung}{span} | {t['diverged']}/{t['seeds']} |")
   return lines
 
 
@@ -196,6 +234,11 @@ def summary_markdown(config, rows: list[dict]) -> str:
            "Error: query MSE (linear_regression) or ||Ŵ−W*||_F/||W*||_F (vector_generation), "
            "mean [min, max] over seeds; diverged seeds are counted, not averaged in. "
            "ratio = trained / construction on the same prompts (mean of per-seed ratios).", ""]
+  if any(r["method"] in ladder.METHODS for r in rows):
+    lines += ["Reference ladder (methods cg, chebyshev, newton, whitened_gd in results.csv): "
+              f"whitened GD's (pq, η) are fitted once per seed at T = {g.fixed_loops} on "
+              f"{ladder.WHITENED_FIT_PROMPTS} scan prompts; Newton–Schulz is read by loop count "
+              "(its step T is worth 2^T GD steps).", ""]
   lines += headline_table(rows, loops=HEADLINE_LOOPS) + ["", "## Every grid point", ""]
   lines += ["| task | d | n | n/d | κ_Σ | T | κ̂ (median) | theory ρ^T | construction | trained | ratio | diverged |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,84 @@
+"""The reference-algorithm ladder of `loopicl.linear.algorithms`, scored inside a construction point.
+
+Beside GD with the best constant step (the `construction` method), each construction point scores
+four reference algorithms on the *same* held-out test prompts with the *same* per-prompt error
+(`compute.per_prompt_error`), in float64, at every T of the point:
+
+  * `cg`: conjugate gradients after T steps (the best any T-step Krylov method — GD with any step
+    schedule included — can do per prompt in the Σ̂-norm; W_T = W_LS once T ≥ rank Σ̂);
+  * `chebyshev`: Chebyshev-accelerated GD on the setting's Marchenko–Pastur edges
+    (`algorithms.marchenko_pastur_edges` of its task config: fixed for every prompt);
+  * `newton`: Newton–Schulz with α = 1/||Σ̂||_F, compared by loop count T (one Newton step per
+    loop; Newton step T is worth 2^T GD steps of step α);
+  * `whitened_gd`: the looped whitening construction (`algorithms.whitened_gd_predictions`) with
+    its knobs (pq, η) fitted *once per seed, at T = grid.fixed_loops*, by
+    `algorithms.fit_whitened_gd` on the first `WHITENED_FIT_PROMPTS` scan prompts of the seed (the
+    test prompts are never fitted on), then read at every T.  A fit at each T would be the fairer
+    rung but costs ~0.5 s × T per seed at d = 10 on a 2-core CPU (~40 s per seed for T = 1..12,
+    plus a compile per T: ~12 min over the quick grid, as long as the rest of it), so the knobs
+    are tuned for fixed_loops (~5 s per seed): at T ≠ fixed_loops they are not the per-T optimum.  The fit minimises the
+    batch-mean query MSE — for vector_generation (queries e_1..e_d) that is ||Ŵ − W*||_F²/d, a
+    proxy for the relative weight error the grid reports.
+
+Every method gives all its iterates in one run ([steps + 1, …], entry t = t steps), so each is
+run once to the point's largest T and read at every T.  `seed_ladder` returns what the point file
+stores per seed under "ladder"; `outputs.rows_from_points` turns it into results.csv rows.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from loopicl import stats
+from loopicl.linear import algorithms
+
+METHODS = ("cg", "chebyshev", "newton", "whitened_gd")
+LABELS = {"cg": "conjugate gradients", "chebyshev": "Chebyshev (MP edges)",
+          "newton": "Newton–Schulz (step = loop)", "whitened_gd": "whitened GD (fitted at grid.fixed_loops)"}
+SHORT = {"cg": "CG", "chebyshev": "Chebyshev", "newton": "Newton–Schulz", "whitened_gd": "whitened GD"}
+WHITENED_FIT_PROMPTS = 512  # scan prompts the whitened-GD knobs are fitted on (its cost is the fit)
+
+
+def spec() -> dict:
+  """What the ladder's numbers depend on beyond the point itself (part of its fingerprint)."""
+  return {"methods": list(METHODS), "whitened_fit_prompts": WHITENED_FIT_PROMPTS,
+          "whitened_fit": "fixed_loops", "chebyshev_edges": "marchenko_pastur"}
+
+
+def _summary(per_prompt) -> dict:
+  """{"error": mean over the finite prompts, "nonfinite_prompts": count of the others}."""
+  mean, bad = stats.finite_mean(np.asarray(per_prompt))
+  return {"error": float(mean), "nonfinite_prompts": int(bad)}
+
+
+def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable) -> dict:
+  """The ladder on one seed's prompts: {method: {str(T): {"error", "nonfinite_prompts", …}}}.
+
+  task: the setting's task config; test, scan: its `tasks.Batch`es (float64); loops: the point's
+  T; fit_loops: the T whitened GD is fitted at; error_of(readouts [..., batch, d_out, m]) ->
+  per-prompt errors [..., batch].  Call under x64.  The whitened_gd entries also hold their knobs
+  ("pq", "step_size", "fit_loops") and the fit's scan MSE.
+  """
+  loops = sorted(int(T) for T in loops)
+  steps = max(loops)
+  lam_min, lam_max = algorithms.marchenko_pastur_edges(task)
+  iterates = {
+      "cg": algorithms.conjugate_gradient_iterates(test.X, test.Y, steps=steps),
+      "chebyshev": algorithms.chebyshev_iterates(test.X, test.Y, steps=steps, lam_min=lam_min,
+                                                 lam_max=lam_max),
+      "newton": algorithms.newton_schulz_iterates(test.X, test.Y, steps=steps),
+  }
+  out = {}
+  for method, W in iterates.items():
+    per_prompt = np.asarray(error_of(W @ test.X_query))            # [steps + 1, prompts]
+    out[method] = {str(T): _summary(per_prompt[T]) for T in loops}
+  k = min(WHITENED_FIT_PROMPTS, int(scan.X.shape[0]))
+  pq, eta, fit_mse = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k],
+                                                scan.targets[:k], steps=int(fit_loops))
+  per_prompt = np.asarray(error_of(algorithms.whitened_gd_predictions(
+      test.X, test.Y, test.X_query, steps=steps, p=pq, q=1.0, step_size=eta)))
+  knobs = {"pq": float(pq), "step_size": float(eta), "fit_loops": int(fit_loops),
+           "fit_scan_mse": float(fit_mse)}
+  out["whitened_gd"] = {str(T): {**_summary(per_prompt[T]), **knobs} for T in loops}
+  return out
