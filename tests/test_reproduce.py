@@ -55,7 +55,7 @@ def _check_ladder_rows(rows):
       assert r["nonfinite_prompts"] == "0" and r["train_mode"] == r["weight_distance"] == ""
 
 
-@pytest.mark.parametrize("train_mode", ["window", "per_loops"])
+@pytest.mark.parametrize("train_mode", ["window", pytest.param("per_loops", marks=pytest.mark.slow)])
 def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   config = tiny_grid(train_mode)
   logs = []
