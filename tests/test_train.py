@@ -236,7 +236,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
   assert out.returncode != 0 and "Traceback" not in out.stderr and "lerning_rate" in out.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)])
 def test_interrupted_cli_run_resumes_bit_identical(tmp_path, sig):
   """Interrupt a real training process after its first checkpoint, restart it, compare."""
   overrides = {"train.steps": 3000, "eval.every": 500, "checkpoint.every": 100, "checkpoint.keep": 50}

@@ -135,11 +135,14 @@ class LinearFamily(family_lib.Family):
     gd_error = float(jnp.mean(tasks.query_mse(W_gd @ test.X_query, test.targets)))
     # Preconditioned GD with A = c*·Σ⁻¹ (c* scanned on the same separate prompts): also inside
     # the model class, so a trained model above it has an optimisation problem.
-    c_pgd, _ = baselines.best_preconditioner_scale(scan.X, scan.Y, scan.X_query, scan.targets,
-                                                   self.task, steps=T)
-    A_pgd = c_pgd * np.linalg.inv(tasks.covariance(self.task))
-    W_pgd = construction.gd_iterates(test.X, test.Y, steps=T, preconditioner=A_pgd)[-1]
-    pgd_error = float(jnp.mean(tasks.query_mse(W_pgd @ test.X_query, test.targets)))
+    if float(self.task.condition_number) == 1.0:  # Σ = I: c*·Σ⁻¹ is η*·I, the same search
+      c_pgd, pgd_error = eta, gd_error
+    else:
+      c_pgd, _ = baselines.best_preconditioner_scale(scan.X, scan.Y, scan.X_query, scan.targets,
+                                                     self.task, steps=T)
+      A_pgd = c_pgd * np.linalg.inv(tasks.covariance(self.task))
+      W_pgd = construction.gd_iterates(test.X, test.Y, steps=T, preconditioner=A_pgd)[-1]
+      pgd_error = float(jnp.mean(tasks.query_mse(W_pgd @ test.X_query, test.targets)))
     vector_generation = self.task.kind == "vector_generation"
     d_out, n_queries = int(self.task.d_out), self.n_queries
 
