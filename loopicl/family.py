@@ -31,6 +31,7 @@ Bound to a config (`family = get(config.task.kind)(config)`):
 """
 from __future__ import annotations
 
+import abc
 import importlib
 
 import ml_collections
@@ -45,8 +46,10 @@ BUILTIN = ("loopicl.linear.family", "loopicl.concepts.family")
 _REGISTRY: dict[str, type["Family"]] = {}
 
 
-class Family:
-  """Base class of a task family (module docstring).  Defaults are what most families want."""
+class Family(abc.ABC):
+  """Base class of a task family (module docstring).  Defaults are what most families want;
+  the abstract methods are what every family must supply (a subclass missing one cannot be
+  instantiated)."""
 
   kinds: tuple[str, ...] = ()
   model_fields: frozenset[str] = frozenset()
@@ -55,8 +58,9 @@ class Family:
 
   # -- schema (class level) ----------------------------------------------------------------------
   @classmethod
+  @abc.abstractmethod
   def task_config(cls) -> ml_collections.ConfigDict:
-    raise NotImplementedError
+    """The default `task` section: every field (the schema of `task`)."""
 
   @classmethod
   def validate(cls, config) -> None:
@@ -67,14 +71,17 @@ class Family:
     self.config = config
     self.task = config.task
 
+  @abc.abstractmethod
   def create_model(self, rngs: nnx.Rngs) -> nnx.Module:
-    raise NotImplementedError
+    """See the module docstring."""
 
+  @abc.abstractmethod
   def sample(self, key, batch_size: int):
-    raise NotImplementedError
+    """See the module docstring."""
 
+  @abc.abstractmethod
   def loss(self, model, batch, loops: int):
-    raise NotImplementedError
+    """See the module docstring."""
 
   def make_loss(self):
     return self.loss
@@ -82,8 +89,9 @@ class Family:
   def optimizer_extra(self):
     return None
 
+  @abc.abstractmethod
   def make_evaluator(self):
-    raise NotImplementedError
+    """See the module docstring."""
 
   def log_extras(self, rlog, step: int, model, metrics: dict) -> None:
     pass
