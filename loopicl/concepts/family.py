@@ -3,7 +3,7 @@
 The model is a `ConceptTransformer` on tokens H: [batch, 2·dim, L + 1], the loss the logistic
 loss log(1 + exp(−z·f(H))), the held-out evaluation the 0-1 loss and cross-entropy in
 distribution and on every OOD variant, the attention mass on the "correct" demonstrations and the
-concept/noise alignment of the weights (model.evaluate).  Trainable: the nnx.Params only — the
+weight diagnostics of diagnostics.py (model.evaluate).  Trainable: the nnx.Params only — the
 ±1/m output layer is a `FixedOutput` variable, so the training path never updates it.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ConceptFamily(family_lib.Family):
   shape_fields = ("task.dim", "task.num_concepts", "model.mlp_width", "model.heads")
   trainable = nnx.Param  # not FixedOutput: the output layer stays at ±1/m
   hparam_metrics = ("eval/test_zero_one", "eval/test_cross_entropy", "eval/ood_unseen_zero_one",
-                    "eval/correct_attention")
+                    "eval/ood_switched_zero_one", "eval/correct_attention")
 
   @classmethod
   def task_config(cls):
@@ -83,8 +83,10 @@ class ConceptFamily(family_lib.Family):
     charts["classification"] = {
         "0-1 loss in and out of distribution": ["eval/test_zero_one", "eval/ood_.*_zero_one"],
         "cross-entropy": ["eval/test_cross_entropy", "eval/ood_.*_cross_entropy"],
-        "attention and alignment": ["eval/correct_attention", "eval/attention_peak",
-                                    "eval/alignment_.*"]}
+        "attention and alignment": ["eval/correct_attention", "eval/correct_attention_uniform",
+                                    "eval/attention_peak", "eval/alignment_.*"],
+        "MLP inner products (sense, shared, noise)": ["eval/ip_mlp_.*"],
+        "attention inner products (sense, shared, noise)": ["eval/ip_attn_.*"]}
     return charts
 
   def summary_lines(self, result: dict) -> list[str]:

@@ -142,49 +142,6 @@ def correct_attention(attn: jax.Array, correct: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(attn * correct, axis=-1))
 
 
-def _fraction_in(P: np.ndarray, M: np.ndarray, side: str) -> float:
-  total = float(np.sum(M * M))
-  if total == 0 or not np.isfinite(total):
-    return float("nan")
-  proj = M @ P if side == "right" else P @ M @ P
-  return float(np.sum(proj * proj)) / total
-
-
-def alignment(model: ConceptTransformer, task_config) -> dict:
-  """Alignment of the learned weights with the concept directions versus noise directions.
-
-  With P the orthogonal projector of token space onto span{a_k, b_k (word rows), c_k, d_k
-  (label rows)} (4K of the D = 2·dim directions; the rest are directions only noise ξ lives in)
-  and P_s the projector onto the sense directions span{b_k, d_k} (2K directions):
-
-    alignment_mlp           = ||W_1 P||_F² / ||W_1||_F²   (fraction of the MLP neurons' input-weight
-                              energy in the concept span; rows w_r are the neurons)
-    alignment_mlp_sign      = ||W_1 P_s||_F² / ||W_1||_F²
-    alignment_attention     = ||P B P||_F² / ||B||_F², B = Σ_h W_Q^hᵀ W_K^h the bilinear form of
-                              the attention scores (h_qᵀ B h_i, for one loop): the fraction of it
-                              acting between concept directions
-    alignment_attention_sign = ||P_s B P_s||_F² / ||B||_F²
-    alignment_chance_mlp, alignment_chance_attention: the expected values for isotropic random
-                              weights, 4K/D and (4K/D)² (compare against these).
-
-  Returns a dict of Python floats (nan if a weight is all zero or non-finite).
-  """
-  P = concepts.concept_projector(task_config)
-  Ps = concepts.sign_projector(task_config)
-  W1 = np.asarray(model.W_1[...], np.float64)
-  Bm = np.einsum("hed,hef->df", np.asarray(model.W_Q[...], np.float64),
-                 np.asarray(model.W_K[...], np.float64))
-  r = 4 * int(task_config.num_concepts) / P.shape[0]
-  return {
-      "alignment_mlp": _fraction_in(P, W1, "right"),
-      "alignment_mlp_sign": _fraction_in(Ps, W1, "right"),
-      "alignment_attention": _fraction_in(P, Bm, "both"),
-      "alignment_attention_sign": _fraction_in(Ps, Bm, "both"),
-      "alignment_chance_mlp": r,
-      "alignment_chance_attention": r * r,
-  }
-
-
 def _scores(logits, labels) -> dict:
   """zero_one (non-finite logits count as wrong), cross_entropy over the finite logits only,
   and the number of non-finite logits."""
@@ -208,26 +165,34 @@ def _readout(model, z):
 
 def evaluate(model: ConceptTransformer, task_config, key: jax.Array, num_prompts: int,
              *, label_blind: bool = False) -> dict:
-  """Scores `model` on `num_prompts` held-out prompts of every variant.
+  """Scores `model` on `num_prompts` held-out prompts of every variant and length.
 
   The prompts come from the evaluation key stream (`concepts.sample` with variant != "train"
   folds a constant into the key) of `fold_in(key, i)`, so they never coincide with training
   draws from the same key. `label_blind` zeroes the label parts first (the control model).
 
   Returns {"test_zero_one", "test_cross_entropy", "test_nonfinite",
-           "test_zero_one_flipped", "test_zero_one_unflipped" (the test prompts with polarity
-           −1 / +1; nan if none),
-           "correct_attention" (see `correct_attention`), "attention_peak" (mean largest
-           attention weight; 1/L for uniform attention), both on the test prompts, last loop,
-           alignment_* (see `alignment`),
-           "ood": {variant: {"zero_one", "cross_entropy", "nonfinite"}} for length, skewed,
-           switched, unseen (skipped if the config leaves it undefined, e.g. no held-out pairs)}.
+           "test_zero_one_flipped", "test_zero_one_unflipped" (test prompts with polarity −1 /
+           +1; nan if none), "test_zero_one_by_concept" ([K], nan where k* never drawn),
+           "correct_attention" (see `correct_attention`), "correct_attention_uniform" (its value
+           for uniform attention: the mean share of same-sense demonstrations), "attention_peak"
+           (mean largest attention weight; 1/L for uniform), all on the test prompts, last loop,
+           alignment_*, ip_* and mlp_sense_* (diagnostics.py),
+           "length_curve": {"n_context", "zero_one", "cross_entropy"} over n_context and every
+           ood.lengths_* (ascending), and "share_no_opposite" / "zero_one_no_opposite" (the
+           prompts whose demonstrations all have the query's sense: their share and 0-1 loss;
+           nan if none), "share_no_same" / "zero_one_no_same" (none has it),
+           "ood": {name: {"zero_one", "cross_entropy", "nonfinite"}} for length_short and
+           length_long (all their lengths pooled, equal prompts each, plus "worst_zero_one", the
+           largest over the lengths), skewed, switched, unseen (a variant the config leaves
+           undefined, e.g. no held-out pairs or an empty length tuple, is skipped)}.
   """
+  from loopicl.concepts import diagnostics
   if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
     raise ValueError(f"num_prompts={num_prompts!r} is invalid; allowed: an integer >= 1")
 
-  def run(variant, i):
-    batch = concepts.sample(jax.random.fold_in(key, i), task_config, num_prompts, variant)
+  def run(variant, i, L=None):
+    batch = concepts.sample(jax.random.fold_in(key, i), task_config, num_prompts, variant, L)
     H = concepts.zero_labels(batch.H, task_config) if label_blind else batch.H
     z, attns = _states(model, H)
     return batch, _readout(model, z), attns[-1]
@@ -236,20 +201,56 @@ def evaluate(model: ConceptTransformer, task_config, key: jax.Array, num_prompts
   s = _scores(logits, batch.labels)
   flipped = np.asarray(batch.polarity) < 0
   wrong = ~(np.asarray(batch.labels * logits) > 0)
+  k = np.asarray(batch.task_concept)
   out = {"test_zero_one": s["zero_one"], "test_cross_entropy": s["cross_entropy"],
          "test_nonfinite": s["nonfinite"],
          "test_zero_one_flipped": float(np.mean(wrong[flipped])) if flipped.any() else float("nan"),
          "test_zero_one_unflipped": (float(np.mean(wrong[~flipped])) if (~flipped).any()
                                      else float("nan")),
+         "test_zero_one_by_concept": [float(np.mean(wrong[k == j])) if np.any(k == j)
+                                      else float("nan") for j in range(int(task_config.num_concepts))],
          "correct_attention": float(correct_attention(attn, batch.correct)),
+         "correct_attention_uniform": float(jnp.mean(batch.correct)),
          "attention_peak": float(jnp.mean(jnp.max(attn, axis=-1)))}
-  out.update(alignment(model, task_config))
+  out.update(diagnostics.alignment(model, task_config))
+  out.update(diagnostics.inner_products(model, task_config))
+  out.update(diagnostics.mlp_coefficients(model, task_config))
+  L0 = int(task_config.n_context)
+  by_length = {L0: (np.asarray(logits), np.asarray(batch.labels))}
+  senses = {L0: np.asarray(batch.correct)}
   out["ood"] = {}
-  for i, variant in enumerate(concepts.OOD_VARIANTS, start=1):
+  i = 1
+  for name, lengths in (("length_short", task_config.ood.lengths_short),
+                        ("length_long", task_config.ood.lengths_long)):
+    for L in lengths:
+      b, f, _ = run("test", i, int(L))
+      by_length[int(L)] = (np.asarray(f), np.asarray(b.labels))
+      senses[int(L)] = np.asarray(b.correct)
+      i += 1
+    if len(lengths):
+      pooled = [np.concatenate(x) for x in zip(*(by_length[int(L)] for L in lengths))]
+      out["ood"][name] = dict(_scores(*pooled), worst_zero_one=max(
+          _scores(*by_length[int(L)])["zero_one"] for L in lengths))
+  curve = sorted(by_length)
+  per = [_scores(*by_length[L]) for L in curve]
+  out["length_curve"] = {"n_context": curve, "zero_one": [p["zero_one"] for p in per],
+                         "cross_entropy": [p["cross_entropy"] for p in per]}
+  # The mechanism behind short prompts: 0-1 loss on the prompts where every demonstration has
+  # the query's sense (no opposite-sense one) / none has it, and how many prompts those are.
+  for name, none_of in (("no_opposite", lambda c: c.all(-1)), ("no_same", lambda c: ~c.any(-1))):
+    share, err = [], []
+    for L in curve:
+      sel = none_of(senses[L])
+      wrong = ~(by_length[L][1] * np.nan_to_num(by_length[L][0]) > 0)
+      share.append(float(np.mean(sel)))
+      err.append(float(np.mean(wrong[sel])) if sel.any() else float("nan"))
+    out["length_curve"][f"share_{name}"], out["length_curve"][f"zero_one_{name}"] = share, err
+  for variant in ("skewed", "switched", "unseen"):
     try:
       concepts.validate_variant(task_config, variant)
     except ValueError:
       continue  # e.g. "unseen" with no held-out pairs: nothing to measure.
-    batch, logits, _ = run(variant, i)
-    out["ood"][variant] = _scores(logits, batch.labels)
+    b, f, _ = run(variant, i)
+    i += 1
+    out["ood"][variant] = _scores(f, b.labels)
   return out
