@@ -63,6 +63,7 @@ def inner_products(model, task_config) -> dict:
     ip_attn_{sense,shared}_label        max_k |u_kᵀ B v_k|   (query word → demonstration label, v_k
                                         the label-side vector of the same family)
     ip_attn_noise                       max_{j≠j'} |ξ_jᵀ B ξ_j'|
+    attn_sense_{word,label}_by_concept  [K] lists, signed b_kᵀ B b_k and b_kᵀ B d_k
   """
   W1, B = _weights(model)
   xi = noise_vectors(task_config)
@@ -72,6 +73,9 @@ def inner_products(model, task_config) -> dict:
     out[f"ip_mlp_{fam}_label"] = _max_abs(W1 @ label)
     out[f"ip_attn_{fam}_word"] = _max_abs(np.einsum("dk,de,ek->k", word, B, word))
     out[f"ip_attn_{fam}_label"] = _max_abs(np.einsum("dk,de,ek->k", word, B, label))
+    if fam == "sense":  # per concept, signed: which key the query's sense direction looks for
+      out["attn_sense_word_by_concept"] = np.einsum("dk,de,ek->k", word, B, word).tolist()
+      out["attn_sense_label_by_concept"] = np.einsum("dk,de,ek->k", word, B, label).tolist()
   out["ip_mlp_noise"] = _max_abs(W1 @ xi.T)
   pairs = xi @ B @ xi.T
   out["ip_attn_noise"] = _max_abs(pairs[~np.eye(len(xi), dtype=bool)])

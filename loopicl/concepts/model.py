@@ -17,9 +17,9 @@ measures. With loops > 1 the same (W_Q, W_K, w_r) are reused: the query's repres
 updated residually and re-attends each loop (e.g. a first loop could pick up k*, which all
 demonstrations share, and the next attend by the k*-sign). Nothing has a bias.
 
-Training that reaches the targets on the default task (≤1% in-distribution, ≤5% on every OOD
-variant; measured on a shared 2-core CPU: ~15 s): `default_model_config()`, Adam with learning
-rate 1e-2 cosine-decayed to 0 over 4000 steps, 128 fresh prompts per step, `logistic_loss`.
+Training (configs/concepts.py; results in docs/concepts.md): `default_model_config()`,
+`logistic_loss`, plain SGD with learning rate 10 (constant, no momentum, no clipping), 3000 steps
+of 128 fresh prompts.
 
 The output layer a is a `FixedOutput` variable, not an `nnx.Param`: an optimizer built with
 `wrt=nnx.Param` and `nnx.grad` (which differentiates Params) leave it alone.
@@ -174,7 +174,8 @@ def evaluate(model: ConceptTransformer, task_config, key: jax.Array, num_prompts
   Returns {"test_zero_one", "test_cross_entropy", "test_nonfinite",
            "test_zero_one_flipped", "test_zero_one_unflipped" (test prompts with polarity −1 /
            +1; nan if none), "test_zero_one_by_concept" ([K], nan where k* never drawn),
-           "correct_attention" (see `correct_attention`), "correct_attention_uniform" (its value
+           "correct_attention" (see `correct_attention`; also "correct_attention_by_concept" [K],
+           and in the skewed/switched/unseen entries), "correct_attention_uniform" (its value
            for uniform attention: the mean share of same-sense demonstrations), "attention_peak"
            (mean largest attention weight; 1/L for uniform), all on the test prompts, last loop,
            alignment_*, ip_* and mlp_sense_* (diagnostics.py),
@@ -210,6 +211,9 @@ def evaluate(model: ConceptTransformer, task_config, key: jax.Array, num_prompts
          "test_zero_one_by_concept": [float(np.mean(wrong[k == j])) if np.any(k == j)
                                       else float("nan") for j in range(int(task_config.num_concepts))],
          "correct_attention": float(correct_attention(attn, batch.correct)),
+         "correct_attention_by_concept": [
+             float(correct_attention(attn[k == j], batch.correct[k == j])) if np.any(k == j)
+             else float("nan") for j in range(int(task_config.num_concepts))],
          "correct_attention_uniform": float(jnp.mean(batch.correct)),
          "attention_peak": float(jnp.mean(jnp.max(attn, axis=-1)))}
   out.update(diagnostics.alignment(model, task_config))
@@ -250,7 +254,8 @@ def evaluate(model: ConceptTransformer, task_config, key: jax.Array, num_prompts
       concepts.validate_variant(task_config, variant)
     except ValueError:
       continue  # e.g. "unseen" with no held-out pairs: nothing to measure.
-    b, f, _ = run(variant, i)
+    b, f, att = run(variant, i)
     i += 1
-    out["ood"][variant] = _scores(f, b.labels)
+    out["ood"][variant] = dict(_scores(f, b.labels),
+                               correct_attention=float(correct_attention(att, b.correct)))
   return out
