@@ -68,4 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
                                                 # the weights-vs-T figure (weights.csv; no error rows)
   config.grid.cpu_devices = 2                   # host CPU devices the seeds are split over (0: one)
   config.grid.figures = True                    # write the PNG figures into the workdir
+  config.grid.trained_ds = (10,)                # d with trained models, κ_Σ > 1 and noisy settings
+  config.grid.noise_stds = (0.5,)               # σ > 0: construction n/d sweeps with label noise
+  config.grid.scan_prompts = 65536              # prompts the tuned constant steps are tuned on …
+  config.grid.validation_prompts = 65536        # … and validated on (a separate set)
+  config.grid.step_shoulder = 1.1               # tuned step: smallest η with scan mean ≤ 1.1 × optimum
+  config.grid.ladder = ("cg", "chebyshev", "newton", "whitened_gd")  # reference rungs (T ≤ max trained T)
+  config.grid.epsilon = 1e-3                    # target: error ≤ ε × error at T = 0 (n_required.csv)
   return config

@@ -56,6 +56,23 @@ def quantiles(values, qs=(0.1, 0.25, 0.5, 0.75, 0.9), axis=-1) -> np.ndarray:
   return np.quantile(np.where(np.isnan(v), np.inf, v), qs, axis=axis)
 
 
+def prompt_distribution(values, threshold) -> dict[str, np.ndarray]:
+  """The distribution of per-prompt errors [..., batch] over the batch, each entry [...]:
+
+  error: mean over the finite prompts; error_median, error_q90, error_q99: empirical quantiles
+  (numpy's "inverted_cdf": a value some prompt has — no interpolation, so +inf for a non-finite
+  prompt stays +inf instead of inf − inf = NaN); frac_below_eps: the fraction of prompts ≤ threshold (a
+  non-finite one is not); nonfinite: the count of non-finite prompts.
+  """
+  v = np.asarray(values, np.float64)
+  mean, nonfinite = finite_mean(v)
+  q = np.quantile(np.where(np.isnan(v), np.inf, v), (0.5, 0.9, 0.99), axis=-1, method="inverted_cdf")
+  with np.errstate(invalid="ignore"):
+    below = np.mean(np.isfinite(v) & (v <= threshold), axis=-1)
+  return {"error": mean, "error_median": q[0], "error_q90": q[1], "error_q99": q[2],
+          "frac_below_eps": below, "nonfinite": nonfinite}
+
+
 def log_linear_slope(x, y) -> float | None:
   """Least-squares slope of log(y) against x over the points with finite y > 0 (None if < 2).
 

@@ -13,6 +13,7 @@ from loopicl import config as config_lib, family as family_lib, sweep, train
 from loopicl.experiments import reproduce
 from loopicl.experiments.reproduce import compute
 from loopicl.linear import construction
+from tests import numpy_reference
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,17 +33,19 @@ def tiny_grid(train_mode="window"):
   g.train_mode, g.trained_loops = train_mode, ((2, 4) if train_mode == "window" else (2,))
   g.weight_loops = (2,)  # window: one more model, trained at T = 2, for the weights-vs-T figure
   g.eval_prompts, g.cpu_devices = 256, 0  # pytest's JAX already runs on one device
+  g.trained_ds, g.noise_stds, g.ladder = (3,), (), reproduce.LADDER_METHODS
+  g.scan_prompts = g.validation_prompts = 2048
   t = c.experiment.train
   t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
   return c
 
 
-def _check_ladder_rows(rows):
-  """Every ladder method has one row at each (setting, T, seed) of a construction row, on the
-  construction's prompts: GD's error and error at W = 0 copied, ratio = error / GD's error."""
+def _check_ladder_rows(rows, max_loops):
+  """Every ladder method has one row at each (setting, T ≤ max_loops, seed) of a construction
+  row, on the construction's prompts: GD's error and error at W = 0 copied, ratio = error / GD's."""
   assert {r["method"] for r in rows} >= set(reproduce.LADDER_METHODS)
   key = lambda r: (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["loops"], r["seed"])
-  gd = {key(r): r for r in rows if r["method"] == "construction"}
+  gd = {key(r): r for r in rows if r["method"] == "construction" and int(r["loops"]) <= max_loops}
   for method in reproduce.LADDER_METHODS:
     mine = [r for r in rows if r["method"] == method]
     assert sorted(map(key, mine)) == sorted(gd), method
@@ -52,7 +55,17 @@ def _check_ladder_rows(rows):
                                                                      c["kappa_hat"])
       assert float(r["ratio_to_construction"]) == pytest.approx(
           float(r["error"]) / float(c["error"]), rel=2e-5)
-      assert r["nonfinite_prompts"] == "0" and r["train_mode"] == r["weight_distance"] == ""
+      assert r["nonfinite"] == "0" and r["train_mode"] == r["weight_distance"] == ""
+
+
+def _check_distribution_columns(rows):
+  """The distribution columns are present and consistent on every row."""
+  for r in rows:
+    if r["diverged"] == "1":
+      continue
+    med, q90, q99 = (float(r[c]) for c in ("error_median", "error_q90", "error_q99"))
+    assert med <= q90 <= q99 and 0.0 <= float(r["frac_below_eps"]) <= 1.0, r
+    assert float(r["epsilon"]) == 1e-3 and int(r["nonfinite"]) >= 0
 
 
 @pytest.mark.parametrize("train_mode", ["window", pytest.param("per_loops", marks=pytest.mark.slow)])
@@ -63,15 +76,14 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   assert out["skipped"] == 0 and out["computed"] == len(reproduce.points(config))
   with open(tmp_path / "results.csv") as f:
     all_rows = list(csv.DictReader(f))
-  _check_ladder_rows(all_rows)  # the reference ladder's rows; below, the two compared methods
+  _check_ladder_rows(all_rows, max(config.grid.trained_loops))  # the reference ladder's rows
+  _check_distribution_columns(all_rows)
   rows = [r for r in all_rows if r["method"] not in reproduce.LADDER_METHODS]
-  for column in ("task_kind", "d", "n_context", "n_over_d", "condition_number", "loops", "seed",
-                 "method", "error", "kappa_hat"):
-    assert column in rows[0], column
+  assert tuple(all_rows[0]) == reproduce.CSV_COLUMNS
   methods = {r["method"] for r in rows}
-  assert methods == {"construction", "trained"}
-  # One row per (setting, T, seed, method): constructions at every T, trained at trained_loops.
-  assert len(rows) == 2 * (5 + len(config.grid.trained_loops))
+  assert methods == set(reproduce.STEP_RULES) | {"trained"}
+  # One row per (setting, T, seed, method): step rules at every T, trained at trained_loops.
+  assert len(rows) == 2 * (4 * 5 + len(config.grid.trained_loops))
   assert sorted({int(r["loops"]) for r in rows if r["method"] == "trained"}) == list(config.grid.trained_loops)
   trained = [r for r in rows if r["method"] == "trained"]
   # weights.csv: one row per trained model and seed, at the T it was trained at.
@@ -90,13 +102,18 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
             and r["seed"] == seed]
     assert len(errs) == 5 and all(b < a for a, b in zip(errs, errs[1:])), errs
   assert all(np.isfinite(float(r["error"])) or r["diverged"] == "1" for r in trained)
-  # The vectorised best-step search is construction.best_constant_step, for every T at once.
+  # Every step rule's error is GD at its step, iterated in numpy on the seed's test prompts.
   with jax.enable_x64(True):
     task = reproduce.task_config(config, "linear_regression", 3, 12, 1.0)
-    _, scan = reproduce.eval_prompts(task, config.grid.eval_seed, 0, 256)
-    etas, _ = construction.best_constant_steps(scan.X, scan.Y, scan.X_query, scan.targets, [2, 6])
-    ref, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=6)
-    assert etas[1] == pytest.approx(ref, rel=1e-9)
+    test, _ = reproduce.eval_prompts(task, config.grid.eval_seed, 1, config.grid.eval_prompts)
+  X, Y, Xq, tg = (np.asarray(a, np.float64) for a in (test.X, test.Y, test.X_query, test.targets))
+  for method in ("construction", "construction_safe"):
+    for r in (r for r in rows if r["method"] == method and r["seed"] == "1" and r["loops"] in ("2", "6")):
+      W = numpy_reference.preconditioned_gd(X, Y, float(r["step_size"]) * np.eye(3), int(r["loops"]))[-1]
+      assert float(r["error"]) == pytest.approx(np.mean((W @ Xq - tg) ** 2), rel=1e-5)
+  assert all(r["bound_violations"] == "0" for r in rows if r["method"] == "construction_oracle")
+  with open(tmp_path / "n_required.csv") as f:
+    assert tuple(next(csv.reader(f))) == reproduce.N_REQUIRED_COLUMNS
   assert (tmp_path / "summary.md").exists()
   assert (tmp_path / "error_vs_loops_linear_regression.png").exists()
   # Resume: every finished point is skipped, the CSV is unchanged.
@@ -119,8 +136,9 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
   rows = reproduce.write_outputs(config, str(tmp_path), figures=False)
   with open(tmp_path / "results.csv") as f:
     csv_rows = list(csv.DictReader(f))
-  assert len(csv_rows) == len(rows) == 2 * 5 * (1 + len(reproduce.LADDER_METHODS))
-  _check_ladder_rows(csv_rows)
+  ladder_loops = [T for T in config.grid.loops if T <= max(config.grid.trained_loops)]
+  assert len(csv_rows) == len(rows) == 2 * (5 * 4 + len(ladder_loops) * len(reproduce.LADDER_METHODS))
+  _check_ladder_rows(csv_rows, max(config.grid.trained_loops))
   error = lambda method, T, seed: float(next(
       r["error"] for r in csv_rows if (r["method"], r["loops"], r["seed"]) == (method, str(T), str(seed))))
   task = reproduce.task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
@@ -132,7 +150,7 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
     sigma, b = X @ X.transpose(0, 2, 1) / n, Y @ X.transpose(0, 2, 1) / n
     mse = lambda W: float(np.mean(np.mean((W @ Xq - targets) ** 2, axis=(1, 2))))
     w_ls = np.linalg.solve(sigma, b.transpose(0, 2, 1)).transpose(0, 2, 1)  # b Σ̂⁻¹ (Σ̂ symmetric)
-    for T in (4, 6):  # T >= d = 3
+    for T in (3, 4):  # T >= d = 3
       assert error("cg", T, seed) == pytest.approx(mse(w_ls), rel=1e-5)
     alpha = 1 / np.linalg.norm(sigma, axis=(1, 2))[:, None, None]
     W = np.zeros_like(b)
@@ -140,7 +158,7 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
       W = W - alpha * (W @ sigma - b)
       if t in (2, 4, 8, 16):  # 2^T GD steps: Newton-Schulz step T = 1..4
         assert error("newton", int(np.log2(t)), seed) == pytest.approx(mse(W), rel=1e-5)
-    assert error("cg", 6, seed) < error("construction", 6, seed)
+    assert error("cg", 4, seed) < error("construction", 4, seed)
 
 
 def test_condition_settings_train_in_their_own_mode():
@@ -201,6 +219,7 @@ def test_seed_sharded_sweep_matches_one_device(tmp_path):
   code = f"""
 import numpy as np, jax
 from loopicl import sweep
+from tests import numpy_reference
 from tests.test_train import tiny_config
 assert len(jax.devices()) == 2 and sweep.seed_mesh(4).devices.size == 2
 assert sweep.seed_mesh(3) is None  # 3 seeds do not split over 2 devices: one device

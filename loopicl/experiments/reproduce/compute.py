@@ -2,19 +2,22 @@
 
 A point is one (task kind, d, n, κ_Σ) setting and one method:
 
-  * `construction` (`run_construction`): GD with the best *constant* step for each T, scanned on
-    the seed's scan prompts (`construction.best_constant_steps`), its error on the test prompts;
-    and, on the same test prompts with the same error, the reference-algorithm ladder
-    (`ladder.seed_ladder`: CG, Chebyshev, Newton–Schulz, whitened GD), stored per seed under
-    "ladder" and written as results.csv rows of their own methods;
+  * `construction` (`run_construction`): the GD construction under four step rules
+    (`step_rules`: one tuned step, the Marchenko–Pastur-safe step, each prompt's oracle step,
+    and c·Σ⁻¹ preconditioned GD) in closed form at every T of grid.loops (up to 200), stored per
+    seed under "methods"; and, on the same test prompts with the same error, the reference
+    ladder (`ladder.seed_ladder`: CG, Chebyshev, Newton–Schulz, whitened GD) at the T ≤
+    max(grid.trained_loops), under "ladder"; each method becomes results.csv rows of its own;
   * `trained` (`run_trained`): all seeds of a `full` looped transformer trained in one vmapped
     program (`sweep.train_seeds`), read out at every T on the same test prompts, with its
     weights measured against the construction (`linear.weights`).
 
 Seed s draws its test and scan prompts from fold_in(key(grid.eval_seed), s) (`eval_prompts`).
 The error (`per_prompt_error`) is the query MSE (linear_regression) or ||Ŵ − W*||_F / ||W*||_F
-(vector_generation, the read-out with queries e_1..e_d is Ŵ); means are over the finite prompts,
-with the count of the others.  A point's file, points/<id>.json in the workdir, holds its numbers
+(vector_generation, the read-out with queries e_1..e_d is Ŵ); every method's record per T is its
+distribution over the test prompts (`stats.prompt_distribution`: mean over the finite prompts,
+median, q90, q99, fraction below ε·(error at W = 0), non-finite count) and its distance to least
+squares.  A point's file, points/<id>.json in the workdir, holds its numbers
 and its fingerprint; `read_point`/`write_point`/`load_points` are the only code that touches it.
 """
 from __future__ import annotations
@@ -27,23 +30,32 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from loopicl import stats, sweep
-from loopicl.experiments.reproduce import ladder
+from loopicl.experiments.reproduce import ladder, step_rules
 from loopicl.experiments.reproduce.grid import (experiment_config, fingerprint, point_id, points,
                                                 task_config)
 from loopicl.linear import construction, tasks, weights
 from loopicl.linear.model import loop_readouts
 
 
-def eval_prompts(task, eval_seed: int, seed: int, num_prompts: int):
-  """(test, scan): the held-out prompts of `seed` — the same for both methods. Call under x64."""
-  # One compiled program for both draws (eager sampling compiles every primitive separately).
-  @jax.jit
+@functools.lru_cache(maxsize=8)
+def _drawer(task_json: str, num_prompts: int):
+  """The compiled draw of (test, scan) for one task (compiled once, reused by every seed)."""
+  task = ml_collections.ConfigDict(json.loads(task_json))
+
+  @jax.jit  # one compiled program for both draws (eager sampling compiles every primitive)
   def draw(key):
     return (tasks.sample(jax.random.fold_in(key, 0), task, num_prompts),
             tasks.sample(jax.random.fold_in(key, 1), task, num_prompts))
+  return draw
+
+
+def eval_prompts(task, eval_seed: int, seed: int, num_prompts: int):
+  """(test, scan): the held-out prompts of `seed` — the same for both methods. Call under x64."""
+  draw = _drawer(json.dumps(task.to_dict(), sort_keys=True), int(num_prompts))
   return draw(jax.random.fold_in(jax.random.key(int(eval_seed)), int(seed)))
 
 
@@ -59,43 +71,49 @@ def _finite_mean(x) -> tuple[float, int]:
   return float(mean), int(nonfinite)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "kind"))
-def _gd_test_errors(batch: tasks.Batch, step_sizes, *, steps: int, kind: str):
-  """Per-prompt grid error of GD after t = 1..steps: [len(step_sizes), steps, batch]."""
-  return construction.gd_errors(batch.X, batch.Y, step_sizes,
-                                lambda W: per_prompt_error(W @ batch.X_query, batch, kind),
-                                steps=steps)
+SCAN_STREAM = 1 << 20  # fold_in index of the scan/validation prompts (seeds are small integers)
 
 
 def run_construction(config, p: dict) -> dict:
-  """Per seed and T: the best constant step (scanned on the scan prompts) and its test error,
-  and the reference ladder's errors (`ladder.seed_ladder`) on the same test prompts."""
+  """The four step rules (`step_rules`: the constant steps tuned once per setting on the scan
+  prompts and validated on others) on every seed's test prompts at every T, and the reference
+  ladder (`ladder.seed_ladder`) on the same prompts at the T ≤ max(grid.trained_loops)."""
   g = config.grid
-  task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
+  task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0))
+  loops = [int(T) for T in p["loops"]]
+  ladder_loops = [T for T in loops if T <= max(int(t) for t in g.trained_loops)]
   out = {"seeds": {}}
   with jax.enable_x64(True):
+    t0 = time.time()
+    base = jax.random.fold_in(jax.random.key(int(g.eval_seed)), SCAN_STREAM)
+    scan = step_rules.spectra(task, jax.random.fold_in(base, 0), int(g.scan_prompts))
+    validation = step_rules.spectra(task, jax.random.fold_in(base, 1), int(g.validation_prompts))
+    tuned = step_rules.tune(task, scan, validation, loops, float(g.step_shoulder))
+    del scan, validation
+    out["tune_wall_s"] = time.time() - t0
     for seed in g.seeds:
-      test, scan = eval_prompts(task, g.eval_seed, seed, int(g.eval_prompts))
+      test, scan_batch = eval_prompts(task, g.eval_seed, seed, int(g.eval_prompts))
+      methods, extra = step_rules.seed_records(task, test, tuned, loops, float(g.epsilon))
       kappa_hat = np.asarray(construction.kappa_hat(test.X))
-      zero = per_prompt_error(jnp.zeros_like(test.targets), test, p["kind"])
-      rows = {}
-      etas, _ = construction.best_constant_steps(scan.X, scan.Y, scan.X_query, scan.targets,
-                                                 p["loops"])
-      per_prompt = np.asarray(_gd_test_errors(test, jnp.asarray(etas), steps=max(p["loops"]),
-                                              kind=p["kind"]))                 # [L, T_max, prompts]
-      for j, (T, eta) in enumerate(zip(p["loops"], etas)):
-        err, bad = _finite_mean(per_prompt[j, T - 1])
-        rows[str(T)] = {"error": err, "gd_step_size": float(eta), "nonfinite_prompts": bad}
-      out["seeds"][str(seed)] = {"loops": rows, "kappa_hat": float(np.median(kappa_hat)),
-                                 "error_at_zero": float(np.mean(np.asarray(zero)))}
-      # The reference ladder on the same test prompts, with the same error (after GD's numbers,
-      # which do not depend on it); its seconds are part of wall_s and also apart, ladder_wall_s.
+      rec = {"methods": methods, "kappa_hat": float(np.median(kappa_hat)), **extra}
+      # The reference ladder on the same test prompts, with the same error (after the step
+      # rules' numbers, which do not depend on it); its seconds are also apart, ladder_wall_s.
       t0 = time.time()
-      out["seeds"][str(seed)]["ladder"] = ladder.seed_ladder(
-          task, test, scan, p["loops"], g.fixed_loops,
-          lambda readouts: per_prompt_error(readouts, test, p["kind"]))
+      if ladder_loops and g.ladder:
+        rec["ladder"] = ladder.seed_ladder(
+            task, test, scan_batch, ladder_loops, g.fixed_loops,
+            lambda readouts: per_prompt_error(readouts, test, p["kind"]), extra["threshold"],
+            methods=tuple(g.ladder))
       out["ladder_wall_s"] = out.get("ladder_wall_s", 0.0) + time.time() - t0
+      out["seeds"][str(seed)] = rec
   return out
+
+
+def _distance(readouts, reference, batch: tasks.Batch, kind: str):
+  """Per-prompt distance between two read-outs [..., batch, d_out, m], measured like the error."""
+  if kind == "vector_generation":
+    return tasks.relative_weight_error(readouts - reference + batch.W_star, batch.W_star)
+  return tasks.query_mse(readouts, reference)
 
 
 def _weight_metrics(P, Q, d_out: int, sigma_inv: np.ndarray) -> dict:
@@ -113,7 +131,7 @@ def run_trained(config, p: dict, log: Callable[[str], None]) -> dict:
   T = p["loops"][0]
   exp = experiment_config(config, p["kind"], p["d"], p["n"], p["kappa"], T)
   result = sweep.train_seeds(exp, list(g.seeds), log=log)
-  task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
+  task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0))
   sigma_inv = np.linalg.inv(tasks.covariance(task))
   d_out, m = int(task.d_out), tasks.num_queries(task)
   out = {"seeds": {}, "train_wall_s": result.wall_s, "train_steps": int(exp.train.steps)}
@@ -124,7 +142,19 @@ def run_trained(config, p: dict, log: Callable[[str], None]) -> dict:
       readouts = loop_readouts(P, Q, test.Z0, loops=T, d_out=d_out, n_queries=m)
       per_loop = np.asarray(per_prompt_error(readouts, test, p["kind"]))    # [T, prompts]
       errors = [_finite_mean(row) for row in per_loop]
+      ls = construction.least_squares(test.X, test.Y) @ test.X_query
+      to_ls = stats.prompt_distribution(np.asarray(_distance(readouts, ls, test, p["kind"])), 0.0)
+      zero = per_prompt_error(jnp.zeros_like(test.targets), test, p["kind"])
+      dist = stats.prompt_distribution(per_loop, float(g.epsilon) * float(np.mean(np.asarray(zero))))
+      loops_rec = {}
+      for T_read in p["read_loops"]:
+        j = int(T_read) - 1
+        loops_rec[str(T_read)] = {**{k: (int(v[j]) if k == "nonfinite" else float(v[j]))
+                                     for k, v in dist.items()},
+                                  "to_ls_mean": float(to_ls["error"][j]),
+                                  "to_ls_median": float(to_ls["error_median"][j])}
       out["seeds"][str(seed)] = {
+          "loops": loops_rec,
           "error_per_loop": [e for e, _ in errors],
           "nonfinite_per_loop": [b for _, b in errors],
           "diverged_at_step": int(result.diverged_at[k]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loopicl.experiments.reproduce import ladder
+from loopicl.experiments.reproduce import ladder, outputs, step_rules
 from loopicl.experiments.reproduce.grid import n_context
 from loopicl.experiments.reproduce.outputs import aggregate
 
@@ -70,21 +70,102 @@ def _log(ax):
     ax.set_yscale("log")
 
 
+def _normalised(a: dict) -> dict:
+  """An aggregate's mean and band divided by its error at T = 0."""
+  e0 = a["error_at_zero"]
+  return {k: a[k] / e0 for k in ("mean", "lo", "hi")}
+
+
+LINE_STYLES = ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 1, 1, 1)))
+QUANTILE_STYLE = (("mean", "C3", "-"), ("median", "C0", "-"), ("q90", "C0", "--"), ("q99", "C0", ":"))
+
+
+def quantile_figure(config, agg, kind: str):
+  """Mean, median, q90, q99 against T (to the largest T), one row per n/d, one column per step
+  rule and the trained model, at the first d of grid.trained_ds; ε·(error at T = 0) dotted."""
+  g = config.grid
+  d = int(g.trained_ds[0])
+  methods = [m for m in step_rules.METHODS + ("trained",) if any(k[4] == m and k[0] == kind for k in agg)]
+  fig, axes = _figure(len(g.n_over_d), len(methods), width=2.8, height=2.2)
+  for i, r in enumerate(g.n_over_d):
+    n = n_context(d, r)
+    for j, m in enumerate(methods):
+      ax = axes[i, j]
+      Ts = sorted(k[5] for k in agg if k[:5] == (kind, d, n, 1.0, m))
+      for stat, color, ls in QUANTILE_STYLE:
+        ys = [agg[(kind, d, n, 1.0, m, T)][stat] for T in Ts]
+        ax.plot(Ts, ys, color=color, ls=ls, lw=1, label=stat)
+      if Ts:
+        a = agg[(kind, d, n, 1.0, m, Ts[0])]
+        ax.axhline(a["epsilon"] * a["error_at_zero"], color="gray", ls=":", lw=0.8, label="ε·e₀")
+        _log(ax)
+      ax.set_title(f"{m}, n/d={r:g}", fontsize=7)
+      if i == len(g.n_over_d) - 1:
+        ax.set_xlabel("loops T", fontsize=7)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=7)
+  fig.suptitle(f"{kind}, d={d}, κ_Σ=1: the distribution over prompts against T, per step rule "
+               "(statistics averaged over seeds)", fontsize=8)
+  return fig
+
+
+def n_required_figure(config, req_rows, kind: str):
+  """n/d required for mean / median / q90 to reach ε, against T: one panel per (method,
+  statistic), one line per d; `never` drawn above the grid's largest n/d."""
+  g = config.grid
+  rows = [r for r in req_rows if r["task_kind"] == kind and r["condition_number"] == 1.0
+          and r["noise_std"] == 0.0]
+  methods = [m for m in step_rules.METHODS + ("trained",) if any(r["method"] == m for r in rows)]
+  top = 2.0 * max(float(x) for x in g.n_over_d)
+  fig, axes = _figure(len(methods), len(outputs.N_REQUIRED_STATISTICS), width=3.0, height=2.3)
+  for i, m in enumerate(methods):
+    for j, statistic in enumerate(outputs.N_REQUIRED_STATISTICS):
+      ax = axes[i, j]
+      for c, d in enumerate(sorted({r["d"] for r in rows})):
+        mine = sorted((r["loops"], r["n_over_d_required"]) for r in rows
+                      if (r["method"], r["statistic"], r["d"]) == (m, statistic, d))
+        if mine:
+          ax.plot([T for T, _ in mine], [min(v, top) for _, v in mine], marker="o", ms=2.5, lw=1,
+                  color=f"C{c}", label=f"d={d}")
+      ax.axhline(top, color="gray", lw=0.6, ls=":")
+      ax.text(1, top, " never", fontsize=6, va="bottom", color="gray")
+      ax.set_xscale("log"); ax.set_yscale("log"); ax.set_ylim(min(float(x) for x in g.n_over_d) / 1.3, top * 1.6)
+      ax.set_title(f"{m}: {statistic}", fontsize=7)
+      if j == 0:
+        ax.set_ylabel("n/d required", fontsize=7)
+      if i == len(methods) - 1:
+        ax.set_xlabel("loops T", fontsize=7)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), fontsize=7)
+  fig.suptitle(f"{kind}, κ_Σ=1: the smallest n/d from which on the statistic is ≤ ε·(error at T=0), "
+               f"ε = {g.epsilon:g}", fontsize=8)
+  return fig
+
+
 def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
   """name -> Figure: error vs T, error vs n/d, error vs κ_Σ (results.csv rows), weights vs the
   trained T (weights.csv rows)."""
   agg, g, figs = aggregate(rows), config.grid, {}
   kinds = [k for k in g.kinds if any(r["task_kind"] == k for r in rows)]
   ds = [int(d) for d in g.ds]
+  req = outputs.n_required_rows(config, rows)
   for kind in kinds:
-    # 1. Error vs T, one panel per n/d.
-    ratios = list(g.n_over_d)
-    fig, axes = _figure(len(ds), len(ratios))
-    for i, d in enumerate(ds):
+    figs[f"quantiles_vs_loops_{kind}"] = quantile_figure(config, agg, kind)
+    if any(r["task_kind"] == kind for r in req):  # needs ≥ 2 n/d
+      figs[f"n_required_{kind}"] = n_required_figure(config, req, kind)
+    # 1. Error vs T, one panel per n/d, at the T the models are read at (the step rules to T = 200
+    # are the quantile figure's).
+    ratios, T_max = list(g.n_over_d), max(int(t) for t in g.trained_loops)
+    trained_ds = [int(d) for d in g.trained_ds]
+    fig, axes = _figure(len(trained_ds), len(ratios))
+    for i, d in enumerate(trained_ds):
       for j, r in enumerate(ratios):
         ax, n = axes[i, j], n_context(d, r)
         for method, color, marker in (("construction", "C1", None), ("trained", "C0", "o")):
-          Ts = sorted(T for (k, dd, nn, kap, m, T) in agg if (k, dd, nn, kap, m) == (kind, d, n, 1.0, method))
+          Ts = sorted(T for (k, dd, nn, kap, m, T) in agg
+                      if (k, dd, nn, kap, m) == (kind, d, n, 1.0, method) and T <= T_max)
           if Ts:
             label = "GD construction (best const. η)" if method == "construction" else "trained (at each T)"
             if method == "trained" and g.train_mode == "window":
@@ -114,22 +195,22 @@ def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
     # 2. Error vs n/d at T = fixed_loops; 3. error vs κ_Σ at (fixed n/d, fixed T).
     T = int(g.fixed_loops)
     fig, axes = _figure(1, 2, width=4.2, height=3.2)
-    for d, ls in zip(ds, ("-", "--", ":", "-.")):
+    for d, ls in zip(ds, LINE_STYLES):
       for method, color, marker in (("construction", "C1", "s"), ("trained", "C0", "o")):
         xs = [r for r in ratios if (kind, d, n_context(d, r), 1.0, method, T) in agg]
         if xs:
           _band(axes[0, 0], xs, [agg[(kind, d, n_context(d, r), 1.0, method, T)] for r in xs],
                 color, f"{method}, d={d}", marker, ls)
-        ks = [float(k) for k in g.condition_numbers
-              if (kind, d, n_context(d, g.fixed_n_over_d), float(k), method, T) in agg]
-        if ks:
-          _band(axes[0, 1], ks, [agg[(kind, d, n_context(d, g.fixed_n_over_d), k, method, T)] for k in ks],
+        n_fixed = n_context(d, g.fixed_n_over_d)
+        ks = [float(k) for k in g.condition_numbers if (kind, d, n_fixed, float(k), method, T) in agg]
+        if ks:  # divided by the error at T = 0: tr Σ/d (the query MSE's scale) differs 4× over κ_Σ
+          _band(axes[0, 1], ks, [_normalised(agg[(kind, d, n_fixed, k, method, T)]) for k in ks],
                 color, f"{method}, d={d}", marker, ls)
     axes[0, 0].axvline(1.0, color="gray", lw=0.8, ls=":")
     axes[0, 0].set_xscale("log"); axes[0, 0].set_xlabel("n / d")
     axes[0, 0].set_title(f"error vs n/d at T={T} (κ_Σ = 1)", fontsize=9)
     axes[0, 1].set_xscale("log"); axes[0, 1].set_xlabel("κ_Σ (condition number of Σ)")
-    axes[0, 1].set_title(f"error vs κ_Σ at n/d={g.fixed_n_over_d:g}, T={T}", fontsize=9)
+    axes[0, 1].set_title(f"error / error at T=0 vs κ_Σ at n/d={g.fixed_n_over_d:g}, T={T}", fontsize=9)
     for ax in axes[0]:
       ax.set_ylabel(_error_label(kind), fontsize=8); _log(ax); ax.legend(fontsize=6)
     fig.suptitle(kind, fontsize=9)
@@ -138,7 +219,7 @@ def make_figures(config, rows: list[dict], weight_rows: list[dict]) -> dict:
     # 4. Learned vs construction: weight distance and implied-preconditioner alignment vs the T a
     # model was trained at (weights.csv: every trained model, seeds averaged).
     fig, axes = _figure(1, 3, width=3.4, height=3.0)
-    for d, ls in zip(ds, ("-", "--", ":", "-.")):
+    for d, ls in zip(ds, LINE_STYLES):
       for j, r in enumerate(ratios):
         n = n_context(d, r)
         mine = [w for w in weight_rows if (w["task_kind"], w["d"], w["n_context"], w["condition_number"])

@@ -18,8 +18,8 @@ import math
 import ml_collections
 
 from loopicl import config as config_lib
-from loopicl.experiments.reproduce import ladder
-from loopicl.linear import tasks
+from loopicl.experiments.reproduce import ladder, step_rules
+from loopicl.linear import spectral, tasks
 
 TRAIN_MODES = ("per_loops", "window")
 
@@ -36,7 +36,8 @@ def validate(config) -> None:
   g = config.grid
   known = {"kinds", "ds", "n_over_d", "condition_numbers", "loops", "trained_loops", "seeds",
            "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures",
-           "cpu_devices", "weight_loops", "condition_train_mode"}
+           "cpu_devices", "weight_loops", "condition_train_mode", "trained_ds", "noise_stds",
+           "scan_prompts", "validation_prompts", "epsilon", "step_shoulder", "ladder"}
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
@@ -52,7 +53,21 @@ def validate(config) -> None:
   seq("ds", lambda x: is_int(x) and x >= 1, "integers >= 1")
   seq("n_over_d", lambda x: is_real(x) and x > 0, "numbers > 0")
   seq("condition_numbers", lambda x: is_real(x) and x >= 1, "numbers >= 1")
-  seq("loops", lambda x: is_int(x) and x >= 1, "integers >= 1")
+  seq("loops", lambda x: is_int(x) and 1 <= x <= spectral.MAX_LOOPS,
+      f"integers in [1, {spectral.MAX_LOOPS}]")
+  if not isinstance(g.ladder, (tuple, list)) or not all(m in ladder.METHODS for m in g.ladder):
+    raise GridError(f"config.grid.ladder={g.ladder!r} is invalid; allowed: a tuple of "
+                    f"{' | '.join(ladder.METHODS)} (() for none)")
+  seq("trained_ds", lambda x: x in g.ds, f"members of grid.ds={tuple(g.ds)!r}")
+  if not isinstance(g.noise_stds, (tuple, list)) or not all(is_real(x) and x >= 0 for x in g.noise_stds):
+    raise GridError(f"config.grid.noise_stds={g.noise_stds!r} is invalid; allowed: a tuple of "
+                    "numbers >= 0 (() for noise-free only)")
+  for name, ok, allowed in (("epsilon", lambda x: is_real(x) and 0 < x < 1, "a number in (0, 1)"),
+                            ("step_shoulder", lambda x: is_real(x) and x >= 1, "a number >= 1"),
+                            ("scan_prompts", lambda x: is_int(x) and x >= 16, "an integer >= 16"),
+                            ("validation_prompts", lambda x: is_int(x) and x >= 16, "an integer >= 16")):
+    if not ok(g[name]):
+      raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: {allowed}")
   seq("trained_loops", lambda x: is_int(x) and x >= 1, "integers >= 1 (() is not allowed)")
   seq("seeds", lambda x: is_int(x) and x >= 0, "integers >= 0")
   if len(set(g.seeds)) != len(g.seeds):
@@ -89,22 +104,34 @@ def n_context(d: int, n_over_d: float) -> int:
 
 
 def settings(config) -> list[tuple]:
-  """Every (kind, d, n, κ) of the grid: all n/d at κ = 1, and every κ at grid.fixed_n_over_d."""
+  """Every (kind, d, n, κ, σ) of the grid: the n/d sweep at κ = 1, σ = 0 at every d of grid.ds;
+  at the d of grid.trained_ds also the n/d sweeps at each κ > 1 and at each σ > 0 of
+  grid.noise_stds (noisy settings are noise-free in everything else)."""
   g, out = config.grid, []
   for kind in g.kinds:
     for d in g.ds:
-      for r in g.n_over_d:
-        out.append((kind, int(d), n_context(d, r), 1.0))
-      for k in g.condition_numbers:
-        if float(k) != 1.0:
-          out.append((kind, int(d), n_context(d, g.fixed_n_over_d), float(k)))
+      extra = int(d) in [int(x) for x in g.trained_ds]
+      for k in ([float(k) for k in g.condition_numbers] if extra else [1.0]):
+        out += [(kind, int(d), n_context(d, r), k, 0.0) for r in g.n_over_d]
+      for sigma in (g.noise_stds if extra else ()):
+        if float(sigma) > 0:
+          out += [(kind, int(d), n_context(d, r), 1.0, float(sigma)) for r in g.n_over_d]
   return out
 
 
-def _loops_for(config, kappa: float, trained: bool) -> list[int]:
-  """The T of a setting: κ = 1 settings get every T; κ > 1 settings only grid.fixed_loops."""
+def trains(config, kind, d, n, kappa, sigma) -> bool:
+  """Whether a setting has trained models: noise-free, d in grid.trained_ds, and κ_Σ = 1 or
+  n/d = grid.fixed_n_over_d (κ_Σ > 1 models are read at grid.fixed_loops only)."""
   g = config.grid
-  if kappa != 1.0:
+  return (sigma == 0.0 and int(d) in [int(x) for x in g.trained_ds]
+          and (kappa == 1.0 or n == n_context(d, g.fixed_n_over_d)))
+
+
+def _loops_for(config, kappa: float, trained: bool) -> list[int]:
+  """The T of a setting: constructions at every T (cheap in closed form); trained models at
+  grid.trained_loops when κ = 1, at grid.fixed_loops only when κ > 1."""
+  g = config.grid
+  if trained and kappa != 1.0:
     return [int(g.fixed_loops)]
   return sorted(int(t) for t in (g.trained_loops if trained else g.loops))
 
@@ -112,24 +139,26 @@ def _loops_for(config, kappa: float, trained: bool) -> list[int]:
 def points(config) -> list[dict]:
   """The grid's points in run order: all constructions first (cheap), then trained models by cost."""
   out = []
-  for kind, d, n, kappa in settings(config):
-    out.append(dict(kind=kind, d=d, n=n, kappa=kappa, method="construction",
+  for kind, d, n, kappa, sigma in settings(config):
+    out.append(dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="construction",
                     loops=_loops_for(config, kappa, trained=False)))
   trained = []
-  for kind, d, n, kappa in settings(config):
+  for kind, d, n, kappa, sigma in settings(config):
+    if not trains(config, kind, d, n, kappa, sigma):
+      continue
     loops = _loops_for(config, kappa, trained=True)
     if train_mode_of(config, kappa) == "window":
-      trained.append(dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[max(loops)],
-                          read_loops=loops))
+      trained.append(dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="trained",
+                          loops=[max(loops)], read_loops=loops))
       # The weights-vs-T figure needs models trained at smaller T too (a window model has one set
       # of weights for every T it is read at): at n/d = fixed_n_over_d only; no CSV error rows.
       if kappa == 1.0 and n == n_context(d, config.grid.fixed_n_over_d):
-        trained += [dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[int(t)],
-                         read_loops=[int(t)], role="weights")
+        trained += [dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="trained",
+                         loops=[int(t)], read_loops=[int(t)], role="weights")
                     for t in sorted(set(config.grid.get("weight_loops", ()))) if int(t) < max(loops)]
     else:
-      trained += [dict(kind=kind, d=d, n=n, kappa=kappa, method="trained", loops=[t], read_loops=[t])
-                  for t in loops]
+      trained += [dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="trained", loops=[t],
+                       read_loops=[t]) for t in loops]
   trained.sort(key=lambda p: p["loops"][0] * p["d"] * (p["n"] + p["d"]))
   return out + trained
 
@@ -143,7 +172,8 @@ def train_mode_of(config, kappa: float) -> str:
 
 def point_id(p: dict) -> str:
   """The point's name: its file is points/<id>.json in the workdir."""
-  base = f"{p['kind']}_d{p['d']}_n{p['n']}_kappa{p['kappa']:g}_{p['method']}"
+  base = f"{p['kind']}_d{p['d']}_n{p['n']}_kappa{p['kappa']:g}"
+  base += (f"_noise{p['noise']:g}" if p.get("noise", 0.0) else "") + f"_{p['method']}"
   return base + (f"_T{p['loops'][0]}" if p["method"] == "trained" else "")
 
 
@@ -166,8 +196,11 @@ def fingerprint(config, p: dict) -> str:
   g = config.grid
   parts = {"point": p, "seeds": list(g.seeds), "eval": [g.eval_prompts, g.eval_seed],
            "task": {k: v for k, v in config.experiment.task.to_dict().items()}}
-  if p["method"] == "construction":  # the ladder's rungs are part of a construction point
-    parts["ladder"] = dict(ladder.spec(), fit_loops=int(g.fixed_loops))
+  if p["method"] == "construction":  # the step rules and the ladder are part of a construction point
+    parts["ladder"] = dict(ladder.spec(), fit_loops=int(g.fixed_loops), rungs=list(g.ladder),
+                           max_loops=max(int(t) for t in g.trained_loops))
+    parts["rules"] = dict(step_rules.spec(), scan=g.scan_prompts, validation=g.validation_prompts,
+                          shoulder=g.step_shoulder, epsilon=g.epsilon)
   if p["method"] == "trained":
     exp = experiment_config(config, p["kind"], p["d"], p["n"], p["kappa"], p["loops"][0])
     train = exp.train.to_dict()
@@ -178,9 +211,10 @@ def fingerprint(config, p: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def task_config(config, kind, d, n, kappa) -> ml_collections.ConfigDict:
-  """The task config of one setting: the experiment's task at (kind, d, n, κ)."""
+def task_config(config, kind, d, n, kappa, noise=0.0) -> ml_collections.ConfigDict:
+  """The task config of one setting: the experiment's task at (kind, d, n, κ, σ)."""
   t = copy.deepcopy(config.experiment.task)
   with t.unlocked():
     t.kind, t.d, t.n_context, t.condition_number = kind, int(d), int(n), float(kappa)
+    t.noise_std = float(noise)
   return t

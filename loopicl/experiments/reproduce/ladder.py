@@ -46,33 +46,38 @@ def spec() -> dict:
           "whitened_fit": "fixed_loops", "chebyshev_edges": "marchenko_pastur"}
 
 
-def _summary(per_prompt) -> dict:
-  """{"error": mean over the finite prompts, "nonfinite_prompts": count of the others}."""
-  mean, bad = stats.finite_mean(np.asarray(per_prompt))
-  return {"error": float(mean), "nonfinite_prompts": int(bad)}
+def _summary(per_prompt, threshold: float) -> dict:
+  """`stats.prompt_distribution` of one T's per-prompt errors, as Python numbers."""
+  dist = stats.prompt_distribution(np.asarray(per_prompt), threshold)
+  return {k: (int(v) if k == "nonfinite" else float(v)) for k, v in dist.items()}
 
 
-def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable) -> dict:
-  """The ladder on one seed's prompts: {method: {str(T): {"error", "nonfinite_prompts", …}}}.
+def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable,
+                threshold: float, methods=METHODS) -> dict:
+  """The ladder on one seed's prompts: {method: {str(T): `stats.prompt_distribution` record}}.
 
   task: the setting's task config; test, scan: its `tasks.Batch`es (float64); loops: the point's
-  T; fit_loops: the T whitened GD is fitted at; error_of(readouts [..., batch, d_out, m]) ->
-  per-prompt errors [..., batch].  Call under x64.  The whitened_gd entries also hold their knobs
-  ("pq", "step_size", "fit_loops") and the fit's scan MSE.
+  T; fit_loops: the T whitened GD is fitted at; threshold: ε·(error at W = 0);
+  error_of(readouts [..., batch, d_out, m]) -> per-prompt errors [..., batch]; methods: the rungs
+  to run (grid.ladder).  Call under x64.  The whitened_gd entries also hold their knobs ("pq",
+  "step_size", "fit_loops") and the fit's scan MSE.
   """
   loops = sorted(int(T) for T in loops)
   steps = max(loops)
   lam_min, lam_max = algorithms.marchenko_pastur_edges(task)
   iterates = {
-      "cg": algorithms.conjugate_gradient_iterates(test.X, test.Y, steps=steps),
-      "chebyshev": algorithms.chebyshev_iterates(test.X, test.Y, steps=steps, lam_min=lam_min,
-                                                 lam_max=lam_max),
-      "newton": algorithms.newton_schulz_iterates(test.X, test.Y, steps=steps),
+      "cg": lambda: algorithms.conjugate_gradient_iterates(test.X, test.Y, steps=steps),
+      "chebyshev": lambda: algorithms.chebyshev_iterates(test.X, test.Y, steps=steps,
+                                                         lam_min=lam_min, lam_max=lam_max),
+      "newton": lambda: algorithms.newton_schulz_iterates(test.X, test.Y, steps=steps),
   }
   out = {}
-  for method, W in iterates.items():
+  for method in [m for m in iterates if m in methods]:
+    W = iterates[method]()
     per_prompt = np.asarray(error_of(W @ test.X_query))            # [steps + 1, prompts]
-    out[method] = {str(T): _summary(per_prompt[T]) for T in loops}
+    out[method] = {str(T): _summary(per_prompt[T], threshold) for T in loops}
+  if "whitened_gd" not in methods:
+    return out
   k = min(WHITENED_FIT_PROMPTS, int(scan.X.shape[0]))
   pq, eta, fit_mse = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k],
                                                 scan.targets[:k], steps=int(fit_loops))
@@ -80,5 +85,5 @@ def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable) -> 
       test.X, test.Y, test.X_query, steps=steps, p=pq, q=1.0, step_size=eta)))
   knobs = {"pq": float(pq), "step_size": float(eta), "fit_loops": int(fit_loops),
            "fit_scan_mse": float(fit_mse)}
-  out["whitened_gd"] = {str(T): {**_summary(per_prompt[T]), **knobs} for T in loops}
+  out["whitened_gd"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
   return out

@@ -1,11 +1,12 @@
 """The grid's tables: results.csv and weights.csv rows from the point files, and summary.md.
 
-results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): construction, trained
-and the reference ladder of each construction point (`ladder.METHODS`); weights.csv one row per
-trained model and seed, its weights against the construction (`WEIGHT_COLUMNS`).
-`aggregate` groups results.csv rows over seeds (mean, min–max, diverged count), and feeds both
-`summary_markdown` (the headline trained / construction table, every grid point, and the fitted
-per-loop contraction of the construction against the theory rate) and the figures.
+results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): the four step rules of
+each construction point (`step_rules.METHODS`), its reference ladder (`ladder.METHODS`) and the
+trained models, each with its distribution over the test prompts (mean, median, q90, q99,
+fraction below ε, non-finite count); weights.csv one row per trained model and seed, its
+weights against the construction (`WEIGHT_COLUMNS`); n_required.csv the smallest n/d at which
+a statistic reaches ε (`n_required_rows`).  `aggregate` groups results.csv rows over seeds and
+feeds summary.md (`summary`) and the figures.
 """
 from __future__ import annotations
 
@@ -16,28 +17,33 @@ import os
 import numpy as np
 
 from loopicl import stats
-from loopicl.experiments.reproduce import ladder
 from loopicl.experiments.reproduce.grid import n_context, train_mode_of
 from loopicl.linear import construction
 
 CSV_COLUMNS = (
-    "task_kind", "d", "n_context", "n_over_d", "condition_number", "loops", "seed", "method",
-    "error", "kappa_hat", "theory_rate", "gd_step_size", "gd_error", "ratio_to_construction",
-    "diverged", "diverged_at_step", "error_at_freeze", "nonfinite_prompts", "weight_distance",
+    "task_kind", "d", "n_context", "n_over_d", "condition_number", "noise_std", "loops", "seed",
+    "method", "error", "error_median", "error_q90", "error_q99", "frac_below_eps", "epsilon",
+    "nonfinite", "error_to_ls", "error_to_ls_median", "ls_error", "error_at_zero", "kappa_hat",
+    "theory_rate", "step_size", "step_optimum", "step_validation", "bound_violations", "gd_error",
+    "ratio_to_construction", "diverged", "diverged_at_step", "error_at_freeze", "weight_distance",
     "offblock_fraction", "precond_cos_identity", "precond_cos_sigma_inv", "train_mode",
-    "trained_loops", "train_steps", "point_wall_s", "error_at_zero",
+    "trained_loops", "train_steps", "point_wall_s",
 )
+DISTRIBUTION = ("error", "error_median", "error_q90", "error_q99", "frac_below_eps", "nonfinite")
+RECORD_COLUMNS = {"to_ls_mean": "error_to_ls", "to_ls_median": "error_to_ls_median",
+                  "step_size": "step_size", "step_optimum": "step_optimum",
+                  "step_validation": "step_validation", "bound_violations": "bound_violations"}
 
 
 def _construction_index(data: dict) -> dict:
-  """(kind, d, n, κ, T, seed) -> (the construction's record at T, its seed's record, its point)."""
+  """(kind, d, n, κ, σ, T, seed) -> (the `construction` rule's record at T, its seed's record)."""
   out = {}
   for pt in data.values():
     p = pt["point"]
     if p["method"] == "construction":
       for seed, s in pt["seeds"].items():
-        for T, r in s["loops"].items():
-          out[(p["kind"], p["d"], p["n"], p["kappa"], int(T), int(seed))] = (r, s, pt)
+        for T, r in s["methods"]["construction"].items():
+          out[(p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0), int(T), int(seed))] = (r, s)
   return out
 
 
@@ -45,72 +51,58 @@ def _ratio(a: float, b: float) -> float:
   return a / b if b != 0 else float("nan")
 
 
-def _ladder_rows(key, r: dict, s: dict, pt: dict) -> list[dict]:
-  """The ladder's rows at one (setting, T, seed) of a construction point: the construction row's
-  columns where they mean the same (error, κ̂, theory rate, GD's error and the ratio to it,
-  non-finite prompts, error at W = 0); the training and weight columns blank."""
-  kind, d, n, kappa, T, seed = key
-  rows = []
-  for method in ladder.METHODS:
-    rec = s.get("ladder", {}).get(method, {}).get(str(T))
-    if rec is None:
-      continue
-    rows.append(dict(
-        task_kind=kind, d=d, n_context=n, n_over_d=n / d, condition_number=kappa, loops=T,
-        seed=seed, method=method, error=rec["error"], kappa_hat=s["kappa_hat"],
-        theory_rate=float(construction.convergence_rate(s["kappa_hat"])), gd_step_size="",
-        gd_error=r["error"], ratio_to_construction=_ratio(rec["error"], r["error"]), diverged=0,
-        diverged_at_step=-1, error_at_freeze="", nonfinite_prompts=rec["nonfinite_prompts"],
-        weight_distance="", offblock_fraction="", precond_cos_identity="",
-        precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
-        point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
-  return rows
+def _row(config, p: dict, pt: dict, T: int, seed: int, method: str, rec: dict, ref) -> dict:
+  """One results.csv row: the setting, the record's distribution and columns, the seed's
+  construction-level columns (κ̂, error at W = 0, least squares' error) and GD's error at T."""
+  seed_rec = ref[1] if ref else {}
+  row = {c: "" for c in CSV_COLUMNS}
+  kappa_hat = seed_rec.get("kappa_hat", float("nan"))
+  row.update(task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
+             condition_number=p["kappa"], noise_std=p.get("noise", 0.0), loops=T, seed=seed,
+             method=method, epsilon=float(config.grid.epsilon), kappa_hat=kappa_hat,
+             theory_rate=float(construction.convergence_rate(kappa_hat)),
+             ls_error=seed_rec.get("ls_error", ""), error_at_zero=seed_rec.get("error_at_zero", ""),
+             gd_error=ref[0]["error"] if ref else float("nan"), diverged=0, diverged_at_step=-1,
+             train_steps=0, point_wall_s=pt["wall_s"])
+  row.update({k: rec[k] for k in DISTRIBUTION})
+  row.update({col: rec[k] for k, col in RECORD_COLUMNS.items() if k in rec})
+  row["ratio_to_construction"] = _ratio(rec["error"], row["gd_error"])
+  return row
 
 
 def rows_from_points(config, data: dict) -> list[dict]:
   """The results.csv rows (dicts with CSV_COLUMNS) of every finished point."""
   rows = []
   constructions = _construction_index(data)
-  for (kind, d, n, kappa, T, seed), (r, s, pt) in constructions.items():
-    rows.append(dict(
-        task_kind=kind, d=d, n_context=n, n_over_d=n / d, condition_number=kappa, loops=T,
-        seed=seed, method="construction", error=r["error"], kappa_hat=s["kappa_hat"],
-        theory_rate=float(construction.convergence_rate(s["kappa_hat"])),
-        gd_step_size=r["gd_step_size"], gd_error=r["error"], ratio_to_construction=1.0,
-        diverged=0, diverged_at_step=-1, error_at_freeze="", nonfinite_prompts=r["nonfinite_prompts"],
-        weight_distance=0.0, offblock_fraction=0.0, precond_cos_identity=1.0,
-        precond_cos_sigma_inv="", train_mode="", trained_loops="", train_steps=0,
-        point_wall_s=pt["wall_s"], error_at_zero=s["error_at_zero"]))
-    rows += _ladder_rows((kind, d, n, kappa, T, seed), r, s, pt)
   for pt in data.values():
     p = pt["point"]
-    if p["method"] != "trained" or p.get("role") == "weights":
+    if p["method"] == "construction":
+      for seed, s in pt["seeds"].items():
+        for method, recs in list(s["methods"].items()) + list(s.get("ladder", {}).items()):
+          for T, rec in recs.items():
+            key = (p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0), int(T), int(seed))
+            rows.append(_row(config, p, pt, int(T), int(seed), method, rec, constructions[key]))
       continue
-    T_train = p["loops"][0]
+    if p.get("role") == "weights":
+      continue
     for seed, s in pt["seeds"].items():
       diverged = s["diverged_at_step"] >= 0
       for T in p["read_loops"]:
+        ref = constructions.get((p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0), T, int(seed)))
+        row = _row(config, p, pt, T, int(seed), "trained", s["loops"][str(T)], ref)
         err = s["error_per_loop"][T - 1]
-        ref = constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)))
-        gd_err = ref[0]["error"] if ref else float("nan")
-        rows.append(dict(
-            task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
-            condition_number=p["kappa"], loops=T, seed=int(seed), method="trained",
+        row.update(
             # A diverged seed keeps its last good state; its error is shown apart, never as `error`.
             error=float("nan") if diverged else err,
-            kappa_hat=ref[1]["kappa_hat"] if ref else float("nan"),
-            theory_rate=float(construction.convergence_rate(ref[1]["kappa_hat"])) if ref else float("nan"),
-            gd_step_size="", gd_error=gd_err,
-            ratio_to_construction=float("nan") if diverged else err / gd_err,
+            ratio_to_construction=float("nan") if diverged else _ratio(err, row["gd_error"]),
             diverged=int(diverged), diverged_at_step=s["diverged_at_step"],
-            error_at_freeze=err if diverged else "", nonfinite_prompts=s["nonfinite_per_loop"][T - 1],
-            weight_distance=s["weight_distance"], offblock_fraction=s["offblock_fraction"],
-            precond_cos_identity=s["precond_cos_identity"],
-            precond_cos_sigma_inv=s["precond_cos_sigma_inv"], train_mode=train_mode_of(config, p["kappa"]),
-            trained_loops=T_train, train_steps=pt["train_steps"], point_wall_s=pt["wall_s"],
-            error_at_zero=ref[1]["error_at_zero"] if ref else float("nan")))
-  order = lambda r: (r["task_kind"], r["d"], r["condition_number"], r["n_context"], r["method"],
-                     r["loops"], r["seed"])
+            error_at_freeze=err if diverged else "", train_mode=train_mode_of(config, p["kappa"]),
+            trained_loops=p["loops"][0], train_steps=pt["train_steps"],
+            **{k: s[k] for k in ("weight_distance", "offblock_fraction", "precond_cos_identity",
+                                 "precond_cos_sigma_inv")})
+        rows.append(row)
+  order = lambda r: (r["task_kind"], r["d"], r["condition_number"], r["noise_std"], r["n_context"],
+                     r["method"], r["loops"], r["seed"])
   return sorted(rows, key=order)
 
 
@@ -131,7 +123,7 @@ def weight_rows_from_points(config, data: dict) -> list[dict]:
     T = p["loops"][0]
     for seed, s in pt["seeds"].items():
       diverged = s["diverged_at_step"] >= 0
-      ref = constructions.get((p["kind"], p["d"], p["n"], p["kappa"], T, int(seed)))
+      ref = constructions.get((p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0), T, int(seed)))
       rows.append(dict(
           task_kind=p["kind"], d=p["d"], n_context=p["n"], n_over_d=p["n"] / p["d"],
           condition_number=p["kappa"], trained_loops=T, seed=int(seed),
@@ -154,118 +146,79 @@ def write_csv(path: str, columns, rows) -> None:
   os.replace(tmp, path)
 
 
-def aggregate(rows: list[dict]) -> dict:
-  """(kind, d, n, κ, method, T) -> {mean, lo, hi, n, diverged, seeds, kappa_hat, rate, ...} over seeds.
+AGGREGATED = {"mean": "error", "median": "error_median", "q90": "error_q90", "q99": "error_q99",
+              "frac_below_eps": "frac_below_eps", "to_ls": "error_to_ls",
+              "to_ls_median": "error_to_ls_median", "ls_error": "ls_error",
+              "step_validation": "step_validation", "kappa_hat": "kappa_hat", "rate": "theory_rate",
+              "ratio": "ratio_to_construction", "error_at_zero": "error_at_zero",
+              "weight_distance": "weight_distance", "offblock_fraction": "offblock_fraction",
+              "precond_cos_identity": "precond_cos_identity",
+              "precond_cos_sigma_inv": "precond_cos_sigma_inv"}
 
-  mean/lo/hi are the mean, min and max of `error` over the seeds that did not diverge (and have a
-  finite error); `diverged` counts the others.
+
+def _number(v) -> float:
+  return float(v) if v not in ("", None) else float("nan")
+
+
+def aggregate(rows: list[dict], noise: float = 0.0) -> dict:
+  """(kind, d, n, κ, method, T) -> {mean, median, q90, …, lo, hi, n, diverged, seeds, …} over the
+  seeds, for the rows with noise_std = `noise`.
+
+  Each statistic (AGGREGATED: key -> results.csv column) is the mean over the seeds with a finite
+  value of that seed's statistic over its prompts (so `median` is the seeds' mean median); lo/hi
+  are the min and max of `error` over the seeds that did not diverge, `diverged` counts the
+  others, `nonfinite` sums the non-finite prompts, `bound_violations` sums the bound's.
   """
   groups = {}
   for r in rows:
-    key = (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["method"], r["loops"])
+    if _number(r["noise_std"]) != float(noise):
+      continue
+    key = (r["task_kind"], int(r["d"]), int(r["n_context"]), float(r["condition_number"]),
+           r["method"], int(r["loops"]))
     groups.setdefault(key, []).append(r)
   out = {}
   for key, rs in groups.items():
-    errs = np.array([float(r["error"]) for r in rs], np.float64)
+    errs = np.array([_number(r["error"]) for r in rs], np.float64)
     ok = np.isfinite(errs)
-    def mean_of(field):
-      v = np.array([float(r[field]) if r[field] != "" else np.nan for r in rs], np.float64)
-      return float(stats.finite_mean(v)[0])
-    out[key] = {"mean": mean_of("error"),
-                "lo": float(errs[ok].min()) if ok.any() else float("nan"),
-                "hi": float(errs[ok].max()) if ok.any() else float("nan"),
-                "n": int(ok.sum()), "diverged": int(sum(int(r["diverged"]) for r in rs)),
-                "seeds": len(rs), "kappa_hat": mean_of("kappa_hat"), "rate": mean_of("theory_rate"),
-                "ratio": mean_of("ratio_to_construction"), "error_at_zero": mean_of("error_at_zero"),
-                "weight_distance": mean_of("weight_distance"),
-                "offblock_fraction": mean_of("offblock_fraction"),
-                "precond_cos_identity": mean_of("precond_cos_identity"),
-                "precond_cos_sigma_inv": mean_of("precond_cos_sigma_inv"),
-                "nonfinite_prompts": int(sum(int(r["nonfinite_prompts"]) for r in rs))}
+    agg = {name: float(stats.finite_mean(np.array([_number(r[col]) for r in rs]))[0])
+           for name, col in AGGREGATED.items()}
+    agg.update(lo=float(errs[ok].min()) if ok.any() else float("nan"),
+               hi=float(errs[ok].max()) if ok.any() else float("nan"),
+               n=int(ok.sum()), diverged=int(sum(int(r["diverged"]) for r in rs)), seeds=len(rs),
+               nonfinite=int(sum(int(r["nonfinite"]) for r in rs)),
+               bound_violations=int(sum(int(r["bound_violations"] or 0) for r in rs)),
+               epsilon=_number(rs[0]["epsilon"]))
+    out[key] = agg
   return out
 
 
-def _fmt(x) -> str:
-  return "—" if x is None or not np.isfinite(x) else f"{x:.3g}"
+N_REQUIRED_COLUMNS = ("task_kind", "d", "condition_number", "noise_std", "loops", "method",
+                      "statistic", "epsilon", "n_over_d_required")
+N_REQUIRED_STATISTICS = ("mean", "median", "q90")
 
 
-HEADLINE_LOOPS = (1, 2, 5, 10, 20)
-
-
-def headline_table(rows: list[dict], loops=HEADLINE_LOOPS) -> list[str]:
-  """Markdown lines: trained vs construction at a few T, with the per-seed ratio range and the
-  ladder's errors (the rungs present in rows) beside them."""
-  agg = aggregate(rows)
-  ratios = {}
-  for r in rows:
-    if r["method"] == "trained" and not int(r["diverged"]):
-      key = (r["task_kind"], r["d"], r["n_context"], r["condition_number"], r["loops"])
-      ratios.setdefault(key, []).append(float(r["ratio_to_construction"]))
-  rungs = [m for m in ladder.METHODS if any(r["method"] == m for r in rows)]
-  lines = ["## Headline: trained / construction at T ∈ {" + ", ".join(map(str, loops)) + "}", ""]
-  if rungs:
-    lines += [f"{ladder.SHORT[rungs[0]]} … {ladder.SHORT[rungs[-1]]}: the reference ladder on the "
-              "same prompts, mean error over seeds (CG = conjugate gradients; Chebyshev on the "
-              "setting's Marchenko–Pastur edges).", ""]
-  lines += ["| task | d | n/d | κ_Σ | κ̂ (median) | T | construction | trained | "
-            + "".join(f"{ladder.SHORT[m]} | " for m in rungs)
-            + "trained / construction, seeds min–max | diverged |",
-            "|---|---|---|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|"]
-  for kind, d, n, kap, method, T in sorted(agg):
-    t = agg.get((kind, d, n, kap, "trained", T))
-    if method != "construction" or T not in loops or t is None:
-      continue
-    c, rs = agg[(kind, d, n, kap, method, T)], ratios.get((kind, d, n, kap, T), [])
-    span = f"{_fmt(min(rs))}–{_fmt(max(rs))}" if rs else "—"
-    rung = "".join(f"{_fmt(agg.get((kind, d, n, kap, m, T), {}).get('mean'))} | " for m in rungs)
-    lines.append(f"| {kind} | {d} | {n / d:g} | {kap:g} | {_fmt(c['kappa_hat'])} | {T} | {_fmt(c['mean'])} | "
-                 f"{_fmt(t['mean'])} | {rung}{span} | {t['diverged']}/{t['seeds']} |")
-  return lines
-
-
-def summary_markdown(config, rows: list[dict]) -> str:
-  """The grid's table (mean [min, max] over seeds) and per-T trained/construction ratios."""
-  agg, g = aggregate(rows), config.grid
-  lines = ["# Reproduction grid: summary", "",
-           f"Trained models: `grid.train_mode = {g.train_mode}` "
-           + ("(one model trained at each T)." if g.train_mode == "per_loops"
-              else f"(one model trained at T = {max(g.trained_loops)} with a loss on every loop, read at each T)")
-           + (f"; κ_Σ > 1 settings: `{train_mode_of(config, 2.0)}`." if train_mode_of(config, 2.0) != g.train_mode else ""),
-           "Error: query MSE (linear_regression) or ||Ŵ−W*||_F/||W*||_F (vector_generation), "
-           "mean [min, max] over seeds; diverged seeds are counted, not averaged in. "
-           "ratio = trained / construction on the same prompts (mean of per-seed ratios).", ""]
-  if any(r["method"] in ladder.METHODS for r in rows):
-    lines += ["Reference ladder (methods cg, chebyshev, newton, whitened_gd in results.csv): "
-              f"whitened GD's (pq, η) are fitted once per seed at T = {g.fixed_loops} on "
-              f"{ladder.WHITENED_FIT_PROMPTS} scan prompts; Newton–Schulz is read by loop count "
-              "(its step T is worth 2^T GD steps).", ""]
-  lines += headline_table(rows, loops=HEADLINE_LOOPS) + ["", "## Every grid point", ""]
-  lines += ["| task | d | n | n/d | κ_Σ | T | κ̂ (median) | theory ρ^T | construction | trained | ratio | diverged |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  keys = sorted({k[:4] + (k[5],) for k in agg})
-  for kind, d, n, kap, T in keys:
-    c = agg.get((kind, d, n, kap, "construction", T)); t = agg.get((kind, d, n, kap, "trained", T))
-    if c is None:
-      continue
-    cell = lambda s: "—" if s is None else f"{_fmt(s['mean'])} [{_fmt(s['lo'])}, {_fmt(s['hi'])}]"
-    div = f"{t['diverged']}/{t['seeds']}" if t else "—"
-    lines.append(f"| {kind} | {d} | {n} | {n / d:g} | {kap:g} | {T} | {_fmt(c['kappa_hat'])} | "
-                 f"{_fmt(c['rate'] ** T)} | {cell(c)} | {cell(t)} | {_fmt(t['ratio']) if t else '—'} | {div} |")
-  # Geometric decrease of the construction: the fitted per-loop factor vs the theory rate.
-  lines += ["", "## Per-loop contraction of the construction (κ_Σ = 1)", "",
-            "Fitted factor = exp(slope of log error vs T over the grid's T), square-rooted for the MSE "
-            "so that it compares with ρ = (κ̂−1)/(κ̂+1).", "",
-            "| task | d | n/d | κ̂ (median) | theory ρ | fitted factor |", "|---|---|---|---|---|---|"]
-  for kind in g.kinds:
-    for d in g.ds:
-      for r in g.n_over_d:
-        n = n_context(d, r)
-        Ts = sorted(k[5] for k in agg if k[:5] == (kind, d, n, 1.0, "construction"))
-        if len(Ts) < 2:
-          continue
-        e = np.array([agg[(kind, d, n, 1.0, "construction", T)]["mean"] for T in Ts])
-        slope = stats.log_linear_slope(Ts, e)
-        factor = None if slope is None else math.exp(slope / (1 if kind == "vector_generation" else 2))
-        c = agg[(kind, d, n, 1.0, "construction", Ts[0])]
-        lines.append(f"| {kind} | {d} | {r:g} | {_fmt(c['kappa_hat'])} | {_fmt(c['rate'])} | {_fmt(factor)} |")
-  return "\n".join(lines) + "\n"
+def n_required_rows(config, rows: list[dict]) -> list[dict]:
+  """n_required.csv: per (kind, d, κ_Σ, σ, T, method, statistic), the smallest n/d of the grid
+  from which on (at it and at every larger n/d of the grid) the statistic over seeds is
+  ≤ ε·(error at W = 0); inf where no n/d reaches it."""
+  g, out = config.grid, []
+  noises = sorted({_number(r["noise_std"]) for r in rows})
+  for noise in noises:
+    agg = aggregate(rows, noise)
+    for kind, d, kappa, method, T in sorted({(k[0], k[1], k[3], k[4], k[5]) for k in agg}):
+      ratios = sorted(float(r) for r in g.n_over_d if (kind, d, n_context(d, r), kappa, method, T) in agg)
+      if len(ratios) < 2:
+        continue  # one n/d (e.g. a trained κ_Σ > 1 setting) says nothing about the n needed
+      for statistic in N_REQUIRED_STATISTICS:
+        reached = [agg[(kind, d, n_context(d, r), kappa, method, T)][statistic]
+                   <= float(g.epsilon) * agg[(kind, d, n_context(d, r), kappa, method, T)]["error_at_zero"]
+                   for r in ratios]
+        need = float("inf")
+        for i in reversed(range(len(ratios))):
+          if not reached[i]:
+            break
+          need = ratios[i]
+        out.append(dict(task_kind=kind, d=d, condition_number=kappa, noise_std=noise, loops=T,
+                        method=method, statistic=statistic, epsilon=float(g.epsilon),
+                        n_over_d_required=need))
+  return out

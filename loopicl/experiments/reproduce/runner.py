@@ -11,19 +11,22 @@ import time
 from typing import Callable
 
 from loopicl import distributed, jsonfile, runlog
-from loopicl.experiments.reproduce import compute, figures as figures_lib, outputs
+from loopicl.experiments.reproduce import compute, figures as figures_lib, outputs, summary
 from loopicl.experiments.reproduce.grid import fingerprint, point_id, points, validate
 
 
 def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
-  """Rebuilds results.csv, weights.csv, summary.md (and the figures) from the finished points."""
+  """Rebuilds results.csv, weights.csv, n_required.csv, summary.md (and the figures) from the
+  finished points."""
   data = compute.load_points(config, workdir)
   rows = outputs.rows_from_points(config, data)
   weight_rows = outputs.weight_rows_from_points(config, data)
   outputs.write_csv(os.path.join(workdir, "weights.csv"), outputs.WEIGHT_COLUMNS, weight_rows)
   outputs.write_csv(os.path.join(workdir, "results.csv"), outputs.CSV_COLUMNS, rows)
+  outputs.write_csv(os.path.join(workdir, "n_required.csv"), outputs.N_REQUIRED_COLUMNS,
+                    outputs.n_required_rows(config, rows))
   with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(outputs.summary_markdown(config, rows))
+    f.write(summary.summary_markdown(config, rows))
   if figures and rows:
     for name, fig in figures_lib.make_figures(config, rows, weight_rows).items():
       runlog.save_figure(fig, workdir, name)
