@@ -108,6 +108,21 @@ def _check_known_fields(cfg) -> None:
         if key not in names:
           raise ConfigError(f"config.{section}.{key} is an unknown field; allowed: "
                             f"{' | '.join(sorted(names))}")
+  _check_subsections("task", cfg.task, family_lib.get(cfg.task.kind).task_config())
+
+
+def _check_subsections(prefix, section, schema) -> None:
+  """A field whose schema default is itself a section (task.ood) is checked key by key."""
+  for key in section.keys():
+    if key in schema and isinstance(schema[key], ml_collections.ConfigDict):
+      sub, names = section[key], set(schema[key].keys())
+      if not isinstance(sub, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{prefix}.{key}={sub!r} is invalid; allowed: a section of fields")
+      for name in sub.keys():
+        if name not in names:
+          raise ConfigError(f"config.{prefix}.{key}.{name} is an unknown field; allowed: "
+                            f"{' | '.join(sorted(names))}")
+      _check_subsections(f"{prefix}.{key}", sub, schema[key])
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -1,15 +1,21 @@
 """The multi-concept task (concepts.py) and its classifier (concept_model.py): sampler invariants,
 OOD variants, model mask and shapes, loss, metrics, a short training run, the label-blind control."""
+import os
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from loopicl import config as config_lib, family as family_lib
 from loopicl.concepts import diagnostics
 from loopicl.concepts import model as cm
 from loopicl.concepts import task as concepts
+
+_CONCEPTS_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "concepts.py")
 
 
 def _task(**kw):
@@ -75,6 +81,24 @@ def test_validate_names_field_and_allowed_values(field, value):
   name = field.replace("ood_", "ood.")
   with pytest.raises(ValueError, match=rf"task\.{name}=.* is invalid; allowed: "):
     concepts.validate(c)
+
+
+def test_unknown_field_under_task_ood_is_one_line_naming_the_allowed_keys():
+  # ood is a sub-section: a stale or misspelt key there (the old ood.length) is refused by the
+  # config check, not silently ignored.
+  c = config_lib.load_file(_CONCEPTS_CONFIG)
+  config_lib.validate(c)
+  c.task.ood.length = 8
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("config.task.ood.length is an unknown field")
+  for key in family_lib.get(c.task.kind).task_config().ood.keys():
+    assert key in message
+  c = config_lib.load_file(_CONCEPTS_CONFIG)
+  c.task = ml_collections.ConfigDict({**c.task.to_dict(), "ood": 8})   # a config built from scratch
+  with pytest.raises(config_lib.ConfigError, match=r"config\.task\.ood=8 is invalid; allowed: a section"):
+    config_lib.validate(c)
 
 
 def test_bad_variant_and_unusable_unseen_raise():

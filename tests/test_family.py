@@ -147,7 +147,7 @@ def test_concept_output_layer_stays_fixed_through_training(tmp_path):
   c = config_lib.load_file(os.path.join(os.path.dirname(DEFAULT_CONFIG), "concepts.py"))
   c.train.steps, c.train.steps_per_call, c.train.log_every = 20, 10, 10
   c.eval.every, c.eval.num_prompts, c.checkpoint.every = 20, 64, 20
-  c.task.ood.length = 8
+  c.task.ood.lengths_short, c.task.ood.lengths_long = (), ()   # no extra lengths: cheap
   train.train_and_evaluate(c, str(tmp_path / "concepts"), log=lambda *a: None, progress=False)
   _, model, _ = run.load_trained(str(tmp_path / "concepts"))
   m = int(c.model.mlp_width)
