@@ -187,13 +187,13 @@ def test_mixtures_and_polarity_follow_the_config():
   # written out here, not taken from concept_probs.
   c = _task(num_concepts=5, dim=10, label_flip_prob=0.2, sign_balance=0.7, ood_skew=0.6,
             rare_concepts=1, rare_weight=0.25, fixed_polarity_concepts=2)
-  n = 20000
+  n = 20000   # prompts of L = 1: the mixture and polarity do not depend on L, and they are cheap
   expected = {"train": [1 / 17, 4 / 17, 4 / 17, 4 / 17, 4 / 17],
               "test": [1 / 17, 4 / 17, 4 / 17, 4 / 17, 4 / 17],
               "skewed": [0.6, 0.1, 0.1, 0.1, 0.1], "switched": [0, 0, 0, 0.5, 0.5],
               "unseen": [0.2] * 5}
   for variant, p in expected.items():
-    b = concepts.sample(jax.random.key(2), c, n, variant)
+    b = concepts.sample(jax.random.key(2), c, n, variant, 1)
     k, pol = np.asarray(b.task_concept), np.asarray(b.polarity)
     np.testing.assert_allclose(np.bincount(k, minlength=5) / n, p, atol=0.015, err_msg=variant)
     np.testing.assert_allclose(concepts.concept_probs(c, variant), p, atol=1e-12)
@@ -239,7 +239,7 @@ def test_unseen_uses_only_held_out_pairs_and_train_never():
 
 
 def test_sample_is_deterministic_jittable_and_test_is_held_out():
-  c = _rich(noise_std=0.1)
+  c = _rich()
   key = jax.random.key(7)
   a, b = concepts.sample(key, c, _B), concepts.sample(key, c, _B)
   for x, y in zip(a, b):
@@ -462,9 +462,9 @@ def test_evaluate_reports_every_variant_and_survives_nan():
   assert out["ood"]["length_short"]["nonfinite"] == 2 * _B and out["ood"]["unseen"]["nonfinite"] == _B
   assert np.isnan(out["ip_mlp_sense_word"])
   # Undefined variants are skipped, not failed.
-  c = _rich(fixed_polarity_concepts=0, ood_lengths_long=())
+  c = _rich(fixed_polarity_concepts=0, ood_lengths_short=(), ood_lengths_long=())
   out = cm.evaluate(_model(c), c, jax.random.key(0), _B)
-  assert set(out["ood"]) == {"length_short", "skewed", "unseen"}
+  assert set(out["ood"]) == {"skewed", "unseen"} and out["length_curve"]["n_context"] == [6]
 
 
 # ----------------------------------------------------------------------------- training

@@ -139,22 +139,8 @@ def test_the_family_decides_what_is_trainable(toy_family, tmp_path):
       family_lib.unregister(fam)
   assert offsets["toy_shifted"] == 0.0          # excluded: bit for bit at its initial value
   assert offsets["toy_shifted_all"] > 0.5       # included: the same path trains it
-
-
-def test_concept_output_layer_stays_fixed_through_training(tmp_path):
-  """The concept family's ±1/m output layer is a FixedOutput, not a Param: train_and_evaluate
-  (the path users run) leaves it bit for bit at ±1/m while the Params move."""
-  c = config_lib.load_file(os.path.join(os.path.dirname(DEFAULT_CONFIG), "concepts.py"))
-  c.train.steps, c.train.steps_per_call, c.train.log_every = 20, 10, 10
-  c.eval.every, c.eval.num_prompts, c.checkpoint.every = 20, 64, 20
-  c.task.ood.lengths_short, c.task.ood.lengths_long = (), ()   # no extra lengths: cheap
-  train.train_and_evaluate(c, str(tmp_path / "concepts"), log=lambda *a: None, progress=False)
-  _, model, _ = run.load_trained(str(tmp_path / "concepts"))
-  m = int(c.model.mlp_width)
-  expected = np.concatenate([np.full(m // 2, 1.0 / m), np.full(m // 2, -1.0 / m)]).astype(np.float32)
-  assert np.array_equal(np.asarray(model.a[...]), expected)
-  fresh = family_lib.of(c).create_model(nnx.Rngs(params=jax.random.fold_in(jax.random.key(0), 0)))
-  assert not np.allclose(np.asarray(model.W_1[...]), np.asarray(fresh.W_1[...]))  # Params trained
+  # The concept family's fixed ±1/m output layer on the same path: tests/test_concept_run.py
+  # (test_output_layer_stays_fixed_through_training, on the run its module already trains).
 
 
 def test_unknown_kind_is_one_line_naming_the_registered_kinds():

@@ -164,8 +164,26 @@ def sample(key: jax.Array, task_config, batch_size: int, variant: str = "train",
   L = task_config.n_context if n_context is None else n_context
   if not _is_int(L) or L < 1:
     raise ValueError(f"n_context={n_context!r} is invalid; allowed: an integer >= 1")
-  frozen = ml_collections.FrozenConfigDict(task_config)
-  return _sampler(frozen, int(batch_size), variant, int(L), jnp.result_type(float))(key)
+  return _sampler(_frozen(task_config), int(batch_size), variant, int(L),
+                  jnp.result_type(float))(key)
+
+
+def _canonical(v):
+  if isinstance(v, dict):
+    return {k: _canonical(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return tuple(_canonical(x) for x in v)
+  return v
+
+
+def _frozen(task_config) -> ml_collections.FrozenConfigDict:
+  """The sampler's cache key (and the config it reads): lists as tuples, so a config read back
+  from config.json (JSON has no tuples) finds the samplers compiled for the config it was saved
+  from; without ood.lengths_*, which the sampler never reads (it is given L), so configs that
+  differ only in the report's lengths share their samplers."""
+  c = _canonical(task_config.to_dict())
+  c["ood"] = {k: v for k, v in c["ood"].items() if not k.startswith("lengths_")}
+  return ml_collections.FrozenConfigDict(c)
 
 
 @functools.lru_cache(maxsize=128)
