@@ -1,12 +1,15 @@
-"""The full reproduction grid: n = O(d) examples suffice and the error falls geometrically in T.
+"""The full reproduction grid: the paper's claim in its own regime, ≤ 30 min on a 2-core CPU.
 
-Both task kinds at d ∈ {10, 20}; n/d ∈ {1, 1.5, 2, 4, 8} (κ_Σ = 1) at every T = 1..20, for the GD
-construction and for trained models — one model per setting trained at T = 20 with the loss on
-every loop (`grid.train_mode = "window"`) and read out at every T; κ_Σ ∈ {10, 100} at n/d = 4,
-T = 10; 4 seeds, all seeds of a point trained in one vmapped program (loopicl/sweep.py), split
-over the 2 host CPU devices of `grid.cpu_devices`.  The docs
-figures (docs/reproduction.md) come from this grid.  Long on a CPU: rerunning the same command
-resumes (finished points in <workdir>/points/ are skipped).
+Both task kinds; n/d ∈ {1, 1.5, 2, 4, 8} at d ∈ {5, 10, 20, 40, 80} (κ_Σ = 1) for the GD
+construction's step rules in closed form at T up to 200 (the tuned-step rules at d ≤ 20:
+`grid.tuned_max_d`; their 2 × 65 536-prompt scans are O(d³) per prompt); at d = 10
+(`grid.trained_ds`) also κ_Σ ∈ {10, 100} at n/d = 4, label noise σ = 0.5 over the n/d sweep
+(linear regression), trained models (at n/d ∈ {2, 4, 8}: one per setting, trained at T = 20
+with the loss on every loop, read at every T ≤ 20) and the reference ladder; 4 seeds × 2048
+held-out prompts, all seeds of a trained point in one vmapped program (loopicl/sweep.py), split
+over the 2 host CPU devices.  The docs figures
+(docs/reproduction.md) come from this grid.  Rerunning the same command resumes (finished
+points in <workdir>/points/ are skipped).
 
   python scripts/reproduce.py --config configs/reproduce.py --workdir runs/reproduce
 """
@@ -37,8 +40,8 @@ def experiment() -> ml_collections.ConfigDict:
   c.train.schedule = "cosine"
   c.train.grad_clip = 1.0
   c.train.curriculum_start = 1      # loop curriculum 1 → T …
-  c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760)
-  c.train.curriculum_increment = 1
+  c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760);
+  c.train.curriculum_increment = 1  # two every 50 halves the compiles but diverged (n/d = 4, 8)
   c.train.steps_per_call = 40       # = curriculum_every: one chunk length, one compile per T
   return c
 
@@ -49,11 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.grid = ml_collections.ConfigDict()
   config.grid.kinds = ("linear_regression", "vector_generation")
-  config.grid.ds = (10, 20)                     # input dimension d
+  config.grid.ds = (5, 10, 20, 40, 80)          # input dimension d (the n/d sweep at κ_Σ = 1)
   config.grid.n_over_d = (1.0, 1.5, 2.0, 4.0, 8.0)  # n = round(n/d · d) context examples
-  config.grid.condition_numbers = (1.0, 10.0, 100.0)  # κ_Σ; κ_Σ > 1 only at fixed_n_over_d, fixed_loops
-  config.grid.loops = tuple(range(1, 21))       # T of the GD construction (best constant step per T)
-  config.grid.trained_loops = tuple(range(1, 21))  # T the trained models are read at (⊆ loops);
+  config.grid.condition_numbers = (1.0, 10.0, 100.0)  # κ_Σ; κ_Σ > 1 only at fixed_n_over_d, trained_ds
+  config.grid.loops = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200)  # T of the step rules
+  config.grid.trained_loops = (1, 2, 3, 5, 7, 10, 15, 20)  # T the trained models are read at (⊆ loops);
                                                 # per_loops mode trains one model per T here
   config.grid.seeds = (0, 1, 2, 3)              # seeds: init + training data + held-out prompts
   config.grid.fixed_loops = 10                  # T of the error-vs-n/d and error-vs-κ_Σ figures
@@ -64,15 +67,18 @@ def get_config() -> ml_collections.ConfigDict:
                                                 # every T | per_loops: one model per T, last-loop loss
   config.grid.condition_train_mode = "per_loops"  # κ_Σ > 1 (read at fixed_loops only): last-loop loss —
                                                 # the window loss diverges there (docs/reproduction.md)
-  config.grid.weight_loops = (5, 10, 15)        # window: also train at these T (n/d = fixed_n_over_d) for
+  config.grid.weight_loops = ()                 # window: also train at these T (n/d = fixed_n_over_d) for
                                                 # the weights-vs-T figure (weights.csv; no error rows)
   config.grid.cpu_devices = 2                   # host CPU devices the seeds are split over (0: one)
   config.grid.figures = True                    # write the PNG figures into the workdir
   config.grid.trained_ds = (10,)                # d with trained models, κ_Σ > 1 and noisy settings
-  config.grid.noise_stds = (0.5,)               # σ > 0: construction n/d sweeps with label noise
+  config.grid.trained_n_over_d = (2.0, 4.0, 8.0)  # n/d with trained models (κ_Σ = 1): time
+  config.grid.noise_stds = (0.5,)               # σ > 0: construction n/d sweeps with label noise …
+  config.grid.noise_kinds = ("linear_regression",)  # … for these task kinds
   config.grid.scan_prompts = 65536              # prompts the tuned constant steps are tuned on …
   config.grid.validation_prompts = 65536        # … and validated on (a separate set)
   config.grid.step_shoulder = 1.1               # tuned step: smallest η with scan mean ≤ 1.1 × optimum
   config.grid.ladder = ("cg", "chebyshev", "newton", "whitened_gd")  # reference rungs (T ≤ max trained T)
+  config.grid.tuned_max_d = 20                  # tuned rules (65 536-prompt scans) at d ≤ 20 only: cost
   config.grid.epsilon = 1e-3                    # target: error ≤ ε × error at T = 0 (n_required.csv)
   return config

@@ -131,8 +131,10 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
     if log is not None and time.time() - last_log > log_every_s:
       last_log = time.time()
       alive = int(np.sum(np.asarray(bad) < 0))
+      finite = curve[-1][np.isfinite(curve[-1])]  # no "All-NaN slice" warning once all diverged
+      median = f"{np.median(finite):.3e}" if finite.size else "nan"
       log(f"  step {first + length}/{config.train.steps} (T={loops}): loss "
-          f"{np.nanmedian(curve[-1]):.3e} median over seeds, {alive}/{len(seeds)} alive, "
+          f"{median} median over seeds, {alive}/{len(seeds)} alive, "
           f"{last_log - start:.0f} s")
   params = jax.device_get(states["params"])
   curve = np.stack(curve, axis=1) if curve else np.zeros((len(seeds), 0))

@@ -34,7 +34,9 @@ def tiny_grid(train_mode="window"):
   g.weight_loops = (2,)  # window: one more model, trained at T = 2, for the weights-vs-T figure
   g.eval_prompts, g.cpu_devices = 256, 0  # pytest's JAX already runs on one device
   g.trained_ds, g.noise_stds, g.ladder = (3,), (), reproduce.LADDER_METHODS
+  g.trained_n_over_d, g.noise_kinds = (4.0,), ("linear_regression",)
   g.scan_prompts = g.validation_prompts = 2048
+  g.tuned_max_d = 3
   t = c.experiment.train
   t.steps, t.batch_size, t.steps_per_call, t.warmup_steps = 40, 16, 20, 5
   return c
@@ -83,7 +85,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
   methods = {r["method"] for r in rows}
   assert methods == set(reproduce.STEP_RULES) | {"trained"}
   # One row per (setting, T, seed, method): step rules at every T, trained at trained_loops.
-  assert len(rows) == 2 * (4 * 5 + len(config.grid.trained_loops))
+  assert len(rows) == 2 * (len(reproduce.STEP_RULES) * 5 + len(config.grid.trained_loops))
   assert sorted({int(r["loops"]) for r in rows if r["method"] == "trained"}) == list(config.grid.trained_loops)
   trained = [r for r in rows if r["method"] == "trained"]
   # weights.csv: one row per trained model and seed, at the T it was trained at.
@@ -107,7 +109,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
     task = reproduce.task_config(config, "linear_regression", 3, 12, 1.0)
     test, _ = reproduce.eval_prompts(task, config.grid.eval_seed, 1, config.grid.eval_prompts)
   X, Y, Xq, tg = (np.asarray(a, np.float64) for a in (test.X, test.Y, test.X_query, test.targets))
-  for method in ("construction", "construction_safe"):
+  for method in ("construction", "construction_safe", "construction_mp"):
     for r in (r for r in rows if r["method"] == method and r["seed"] == "1" and r["loops"] in ("2", "6")):
       W = numpy_reference.preconditioned_gd(X, Y, float(r["step_size"]) * np.eye(3), int(r["loops"]))[-1]
       assert float(r["error"]) == pytest.approx(np.mean((W @ Xq - tg) ** 2), rel=1e-5)
@@ -137,7 +139,7 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
   with open(tmp_path / "results.csv") as f:
     csv_rows = list(csv.DictReader(f))
   ladder_loops = [T for T in config.grid.loops if T <= max(config.grid.trained_loops)]
-  assert len(csv_rows) == len(rows) == 2 * (5 * 4 + len(ladder_loops) * len(reproduce.LADDER_METHODS))
+  assert len(csv_rows) == len(rows) == 2 * (5 * len(reproduce.STEP_RULES) + len(ladder_loops) * len(reproduce.LADDER_METHODS))
   _check_ladder_rows(csv_rows, max(config.grid.trained_loops))
   error = lambda method, T, seed: float(next(
       r["error"] for r in csv_rows if (r["method"], r["loops"], r["seed"]) == (method, str(T), str(seed))))
@@ -293,3 +295,16 @@ def test_script_bad_config_is_one_line_exit_2(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "grid.fixed_loops" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("field,value", [("epsilon", 0.0), ("step_shoulder", 0.9), ("scan_prompts", 4),
+                                         ("validation_prompts", 8), ("tuned_max_d", 0),
+                                         ("noise_stds", (-1.0,)), ("trained_ds", (7,)),
+                                         ("ladder", ("cg", "lanczos")), ("loops", (1, 5000)),
+                                         ("trained_n_over_d", (3.0,)), ("noise_kinds", ("images",))])
+def test_grid_fields_of_the_regime_fail_in_one_line(field, value):
+  config = tiny_grid()
+  config.grid[field] = value
+  with pytest.raises(reproduce.GridError, match=f"config.grid.{field}=") as err:
+    reproduce.validate(config)
+  assert "\n" not in str(err.value) and "allowed" in str(err.value)

@@ -5,7 +5,7 @@ error after T steps is ≤ ρ(κ̂)^T with ρ = (κ̂ − 1)/(κ̂ + 1) and κ̂
 prompt's empirical covariance — bounded with high probability once n is a constant multiple of d,
 so no exp(T) examples are needed — while one step tuned for the *mean* over prompts (the
 population view) is decided by the rare prompts with a large λ_max(Σ̂).  This package runs the
-grid that tests it: the GD construction under four step rules (`step_rules`, in closed form up to
+grid that tests it: the GD construction under five step rules (`step_rules`, in closed form up to
 T = 200), a `full` looped transformer trained once at the largest T and read at every T, and the
 reference ladder (CG, Chebyshev, Newton–Schulz, whitened GD: `ladder`), all on the same held-out
 prompts and all read as distributions (mean, median, q90, q99, fraction below ε).
@@ -18,7 +18,7 @@ Modules (each owns one part):
   * `ladder`: the reference algorithms scored inside each construction point (`seed_ladder`);
   * `compute`: one point's numbers (`run_construction`, `run_trained`, the held-out prompts and the
     per-prompt error) and its file points/<id>.json (`read_point`, `write_point`, `load_points`);
-  * `step_rules`: the four step rules of a construction point, the tuned steps' validation and
+  * `step_rules`: the five step rules of a construction point, the tuned steps' validation and
     the oracle step's bound check;
   * `outputs`: results.csv / weights.csv / n_required.csv rows from the point files, `aggregate`
     over seeds; `summary`: summary.md;

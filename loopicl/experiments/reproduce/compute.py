@@ -2,7 +2,7 @@
 
 A point is one (task kind, d, n, κ_Σ) setting and one method:
 
-  * `construction` (`run_construction`): the GD construction under four step rules
+  * `construction` (`run_construction`): the GD construction under five step rules
     (`step_rules`: one tuned step, the Marchenko–Pastur-safe step, each prompt's oracle step,
     and c·Σ⁻¹ preconditioned GD) in closed form at every T of grid.loops (up to 200), stored per
     seed under "methods"; and, on the same test prompts with the same error, the reference
@@ -75,21 +75,24 @@ SCAN_STREAM = 1 << 20  # fold_in index of the scan/validation prompts (seeds are
 
 
 def run_construction(config, p: dict) -> dict:
-  """The four step rules (`step_rules`: the constant steps tuned once per setting on the scan
+  """The five step rules (`step_rules`: the constant steps tuned once per setting on the scan
   prompts and validated on others) on every seed's test prompts at every T, and the reference
   ladder (`ladder.seed_ladder`) on the same prompts at the T ≤ max(grid.trained_loops)."""
   g = config.grid
   task = task_config(config, p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0))
   loops = [int(T) for T in p["loops"]]
-  ladder_loops = [T for T in loops if T <= max(int(t) for t in g.trained_loops)]
+  ladder_loops = [T for T in loops if T <= max(int(t) for t in g.trained_loops)
+                  and int(p["d"]) in [int(x) for x in g.trained_ds]]  # where trained models are
   out = {"seeds": {}}
   with jax.enable_x64(True):
     t0 = time.time()
-    base = jax.random.fold_in(jax.random.key(int(g.eval_seed)), SCAN_STREAM)
-    scan = step_rules.spectra(task, jax.random.fold_in(base, 0), int(g.scan_prompts))
-    validation = step_rules.spectra(task, jax.random.fold_in(base, 1), int(g.validation_prompts))
-    tuned = step_rules.tune(task, scan, validation, loops, float(g.step_shoulder))
-    del scan, validation
+    tuned = None
+    if int(p["d"]) <= int(g.tuned_max_d):  # the scan is O(d³) per prompt: capped by grid.tuned_max_d
+      base = jax.random.fold_in(jax.random.key(int(g.eval_seed)), SCAN_STREAM)
+      scan = step_rules.spectra(task, jax.random.fold_in(base, 0), int(g.scan_prompts))
+      validation = step_rules.spectra(task, jax.random.fold_in(base, 1), int(g.validation_prompts))
+      tuned = step_rules.tune(task, scan, validation, loops, float(g.step_shoulder))
+      del scan, validation
     out["tune_wall_s"] = time.time() - t0
     for seed in g.seeds:
       test, scan_batch = eval_prompts(task, g.eval_seed, seed, int(g.eval_prompts))

@@ -37,7 +37,8 @@ def validate(config) -> None:
   known = {"kinds", "ds", "n_over_d", "condition_numbers", "loops", "trained_loops", "seeds",
            "fixed_loops", "fixed_n_over_d", "eval_prompts", "eval_seed", "train_mode", "figures",
            "cpu_devices", "weight_loops", "condition_train_mode", "trained_ds", "noise_stds",
-           "scan_prompts", "validation_prompts", "epsilon", "step_shoulder", "ladder"}
+           "scan_prompts", "validation_prompts", "epsilon", "step_shoulder", "ladder",
+           "tuned_max_d", "noise_kinds", "trained_n_over_d"}
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
@@ -58,6 +59,10 @@ def validate(config) -> None:
   if not isinstance(g.ladder, (tuple, list)) or not all(m in ladder.METHODS for m in g.ladder):
     raise GridError(f"config.grid.ladder={g.ladder!r} is invalid; allowed: a tuple of "
                     f"{' | '.join(ladder.METHODS)} (() for none)")
+  if not isinstance(g.noise_kinds, (tuple, list)) or not all(k in tasks.TASK_KINDS for k in g.noise_kinds):
+    raise GridError(f"config.grid.noise_kinds={g.noise_kinds!r} is invalid; allowed: a tuple of "
+                    f"{' | '.join(tasks.TASK_KINDS)}")
+  seq("trained_n_over_d", lambda x: x in g.n_over_d, f"members of grid.n_over_d={tuple(g.n_over_d)!r}")
   seq("trained_ds", lambda x: x in g.ds, f"members of grid.ds={tuple(g.ds)!r}")
   if not isinstance(g.noise_stds, (tuple, list)) or not all(is_real(x) and x >= 0 for x in g.noise_stds):
     raise GridError(f"config.grid.noise_stds={g.noise_stds!r} is invalid; allowed: a tuple of "
@@ -65,6 +70,7 @@ def validate(config) -> None:
   for name, ok, allowed in (("epsilon", lambda x: is_real(x) and 0 < x < 1, "a number in (0, 1)"),
                             ("step_shoulder", lambda x: is_real(x) and x >= 1, "a number >= 1"),
                             ("scan_prompts", lambda x: is_int(x) and x >= 16, "an integer >= 16"),
+                            ("tuned_max_d", lambda x: is_int(x) and x >= 1, "an integer >= 1"),
                             ("validation_prompts", lambda x: is_int(x) and x >= 16, "an integer >= 16")):
     if not ok(g[name]):
       raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: {allowed}")
@@ -105,26 +111,27 @@ def n_context(d: int, n_over_d: float) -> int:
 
 def settings(config) -> list[tuple]:
   """Every (kind, d, n, κ, σ) of the grid: the n/d sweep at κ = 1, σ = 0 at every d of grid.ds;
-  at the d of grid.trained_ds also the n/d sweeps at each κ > 1 and at each σ > 0 of
-  grid.noise_stds (noisy settings are noise-free in everything else)."""
+  at the d of grid.trained_ds also each κ > 1 at grid.fixed_n_over_d, and (for the kinds of
+  grid.noise_kinds) the n/d sweep at each σ > 0 of grid.noise_stds."""
   g, out = config.grid, []
   for kind in g.kinds:
     for d in g.ds:
       extra = int(d) in [int(x) for x in g.trained_ds]
-      for k in ([float(k) for k in g.condition_numbers] if extra else [1.0]):
-        out += [(kind, int(d), n_context(d, r), k, 0.0) for r in g.n_over_d]
-      for sigma in (g.noise_stds if extra else ()):
+      out += [(kind, int(d), n_context(d, r), 1.0, 0.0) for r in g.n_over_d]
+      for k in ([float(k) for k in g.condition_numbers if float(k) != 1.0] if extra else []):
+        out.append((kind, int(d), n_context(d, g.fixed_n_over_d), k, 0.0))
+      for sigma in (g.noise_stds if extra and kind in g.noise_kinds else ()):
         if float(sigma) > 0:
           out += [(kind, int(d), n_context(d, r), 1.0, float(sigma)) for r in g.n_over_d]
   return out
 
 
 def trains(config, kind, d, n, kappa, sigma) -> bool:
-  """Whether a setting has trained models: noise-free, d in grid.trained_ds, and κ_Σ = 1 or
-  n/d = grid.fixed_n_over_d (κ_Σ > 1 models are read at grid.fixed_loops only)."""
+  """Whether a setting has trained models: noise-free, d in grid.trained_ds, and n/d in
+  grid.trained_n_over_d (κ_Σ = 1) or = grid.fixed_n_over_d (κ_Σ > 1, read at grid.fixed_loops)."""
   g = config.grid
-  return (sigma == 0.0 and int(d) in [int(x) for x in g.trained_ds]
-          and (kappa == 1.0 or n == n_context(d, g.fixed_n_over_d)))
+  at_n = [n_context(d, r) for r in g.trained_n_over_d] if kappa == 1.0 else [n_context(d, g.fixed_n_over_d)]
+  return sigma == 0.0 and int(d) in [int(x) for x in g.trained_ds] and n in at_n
 
 
 def _loops_for(config, kappa: float, trained: bool) -> list[int]:
@@ -200,7 +207,8 @@ def fingerprint(config, p: dict) -> str:
     parts["ladder"] = dict(ladder.spec(), fit_loops=int(g.fixed_loops), rungs=list(g.ladder),
                            max_loops=max(int(t) for t in g.trained_loops))
     parts["rules"] = dict(step_rules.spec(), scan=g.scan_prompts, validation=g.validation_prompts,
-                          shoulder=g.step_shoulder, epsilon=g.epsilon)
+                          shoulder=g.step_shoulder, epsilon=g.epsilon,
+                          tuned=int(p["d"]) <= int(g.tuned_max_d))
   if p["method"] == "trained":
     exp = experiment_config(config, p["kind"], p["d"], p["n"], p["kappa"], p["loops"][0])
     train = exp.train.to_dict()

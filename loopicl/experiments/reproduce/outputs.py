@@ -1,6 +1,6 @@
 """The grid's tables: results.csv and weights.csv rows from the point files, and summary.md.
 
-results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): the four step rules of
+results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): the five step rules of
 each construction point (`step_rules.METHODS`), its reference ladder (`ladder.METHODS`) and the
 trained models, each with its distribution over the test prompts (mean, median, q90, q99,
 fraction below ε, non-finite count); weights.csv one row per trained model and seed, its
@@ -42,13 +42,14 @@ def _construction_index(data: dict) -> dict:
     p = pt["point"]
     if p["method"] == "construction":
       for seed, s in pt["seeds"].items():
-        for T, r in s["methods"]["construction"].items():
+        for T in p["loops"]:  # no tuned rule (d > grid.tuned_max_d): GD's error is NaN
+          r = s["methods"].get("construction", {}).get(str(T), {"error": float("nan")})
           out[(p["kind"], p["d"], p["n"], p["kappa"], p.get("noise", 0.0), int(T), int(seed))] = (r, s)
   return out
 
 
 def _ratio(a: float, b: float) -> float:
-  return a / b if b != 0 else float("nan")
+  return a / b if b != 0 and math.isfinite(b) else float("nan")
 
 
 def _row(config, p: dict, pt: dict, T: int, seed: int, method: str, rec: dict, ref) -> dict:

@@ -1,9 +1,9 @@
-"""The GD construction under four step rules, in closed form, on one setting's prompts (float64).
+"""The GD construction under five step rules, in closed form, on one setting's prompts (float64).
 
 The paper's claim is about the *typical* prompt: with η matched to the prompt's own κ̂, T steps
 reach error ρ(κ̂)^{2T} and κ̂ is bounded with high probability once n = O(d).  A single step
 tuned for the *mean* over prompts — the population baseline of earlier analyses — is decided by
-the rare prompts with a large λ_max(Σ̂).  So a construction point scores four rules on the same
+the rare prompts with a large λ_max(Σ̂).  So a construction point scores five rules on the same
 test prompts (`linear.spectral`: T steps in closed form, any T up to 200 at the cost of one):
 
   * `construction`: one constant η per T, tuned for the mean on `grid.scan_prompts` prompts and
@@ -12,6 +12,9 @@ test prompts (`linear.spectral`: T steps in closed form, any T up to 200 at the 
     over that set's own optimum (≤ 1.2 is what the rule promises);
   * `construction_safe`: η = 1/λ₊, λ₊ = λ_max(Σ)(1 + √(d/n))² the Marchenko–Pastur edge — one
     fixed step that is safe with high probability;
+  * `construction_mp`: η = 2/(λ₋ + λ₊), the Marchenko–Pastur centre — the step that is optimal
+    for the typical prompt, held fixed: the prompts with λ_max(Σ̂) > 2/η (a fixed fraction of
+    them, ~8% at n = 2d) diverge, so its mean explodes with T while its median falls;
   * `construction_oracle`: each prompt's η_i = 2/(λ_max(Σ̂_i) + λ_min(Σ̂_i)), whose contraction
     is the bound's ρ(κ̂_i); its `bound_violations` count the prompts × T whose distance to least
     squares exceeds `spectral.oracle_bound` (expected: none);
@@ -33,12 +36,13 @@ import ml_collections
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import spectral, tasks
+from loopicl.linear import algorithms, spectral, tasks
 
-METHODS = ("construction", "construction_safe", "construction_oracle", "pgd")
+METHODS = ("construction", "construction_safe", "construction_mp", "construction_oracle", "pgd")
 TUNED = ("construction", "pgd")
 LABELS = {"construction": "GD, one tuned η (mean, shoulder rule)",
           "construction_safe": "GD, η = 1/λ₊ (MP edge)",
+          "construction_mp": "GD, η = 2/(λ₋+λ₊) (MP centre, fixed)",
           "construction_oracle": "GD, per-prompt η_i = 2/(λ_max+λ_min)",
           "pgd": "preconditioned GD, c·Σ⁻¹ (tuned c)"}
 BOUND_RTOL = 1e-9  # float64 slack in the bound check (the bound is an inequality, not a fit)
@@ -67,13 +71,15 @@ def _chunk_spectra(task_json: str, size: int):
   """The compiled draw + decomposition of one chunk of prompts (reused by every chunk and set)."""
   task = ml_collections.ConfigDict(json.loads(task_json))
   kind, S = error_kind(task.kind), whitening(task)
+  draw = jax.jit(lambda key: tasks.sample(key, task, size))
 
-  @jax.jit
   def one(key):
-    b = tasks.sample(key, task, size)
+    b = draw(key)
     tgt = b.W_star if kind == "relative" else b.targets
     out = {"gd": spectral.decompose(b.X, b.Y, b.X_query, tgt, kind=kind)}
     if S is not None:
+      # A second decomposition in its own program, not beside the first in one: two batched
+      # eigh in one XLA CPU program deadlocked the 2-thread pool (measured, κ_Σ = 10).
       out["pgd"] = spectral.decompose(b.X, b.Y, b.X_query, tgt, kind=kind, whitening=S)
     return out
   return one
@@ -109,7 +115,8 @@ def tune(task, scan: dict, validation: dict, loops, shoulder: float) -> dict:
       continue
     rule, star, _ = spectral.tune_constant_step(scan[key], loops, kind=kind, shoulder=shoulder)
     _, _, best = spectral.tune_constant_step(validation[key], loops, kind=kind, shoulder=None)
-    at_rule = np.asarray(spectral.mean_errors(validation[key], rule, np.asarray(loops), kind=kind))
+    at_rule = np.asarray(spectral.mean_errors(validation[key], rule, np.asarray(loops), kind=kind,
+                                              max_loops=max(loops)))
     out[method] = {"step": rule, "optimum": star, "validation": at_rule / best}
   return out
 
@@ -127,8 +134,9 @@ def _records(err, to_ls, loops, threshold, extra: dict) -> dict:
   return out
 
 
-def seed_records(task, test, tuned: dict, loops, epsilon: float) -> dict:
-  """The four rules on one seed's test prompts (a `tasks.Batch`, float64):
+def seed_records(task, test, tuned: dict | None, loops, epsilon: float) -> dict:
+  """The five rules (the two tuned ones only when `tuned` is given) on one seed's test prompts
+  (a `tasks.Batch`, float64):
   ({method: {str(T): record}}, {"ls_error", "ls_error_median", "error_at_zero", "threshold"})."""
   kind = error_kind(task.kind)
   tgt = test.W_star if kind == "relative" else test.targets
@@ -143,18 +151,20 @@ def seed_records(task, test, tuned: dict, loops, epsilon: float) -> dict:
   out = {}
 
   def run(method, s, step, extra):
-    err = spectral.errors(s, step, Ts, kind=kind)
+    err = spectral.errors(s, step, Ts, kind=kind, max_loops=max(loops))
     gap = spectral.distance_to_least_squares(s, step, Ts, kind=kind)
     out[method] = _records(err, gap, loops, threshold, extra)
     return gap
 
-  for method, s in (("construction", sp), ("pgd", sp_pgd)):
+  for method, s in (("construction", sp), ("pgd", sp_pgd)) if tuned else ():
     t = tuned[method]
     run(method, s, jnp.asarray(t["step"])[:, None], {"step_size": t["step"],
                                                      "step_optimum": t["optimum"],
                                                      "step_validation": t["validation"]})
   eta = safe_step(task)
   run("construction_safe", sp, eta, {"step_size": eta})
+  lo, hi = algorithms.marchenko_pastur_edges(task)
+  run("construction_mp", sp, 2.0 / (lo + hi), {"step_size": 2.0 / (lo + hi)})
   oracle = spectral.oracle_step(sp)
   gap = run("construction_oracle", sp, oracle, {"step_size": float(np.median(np.asarray(oracle)))})
   bound = np.asarray(spectral.oracle_bound(sp, Ts, kind=kind))
