@@ -7,9 +7,9 @@ With P = [[0,0],[0,I]] and Q = [[−A,0],[0,0]] the looped transformer computes,
 i.e. preconditioned gradient descent on L(W) = (1/2n)||W X − Y||_F² (A = η·I: plain GD), and
 its read-out after t loops is W_t X_query.  This module builds those weights and the references
 that a learned model is compared with: GD iterates, least squares, ridge, the per-prompt optimal
-step, the best constant step over a batch of prompts (for one T, or for many T at once), and the
-convergence-rate bound.  One GD step loop (`_gd_scan`, on Σ̂ and Y Xᵀ / n) serves both the
-iterates and `gd_errors`: any error of W_t after every step t, for many step sizes at once.
+step, the best constant step over a batch of prompts, and the
+convergence-rate bound.  GD's error after many T for many steps at once, in closed form, is
+`loopicl.linear.spectral`'s (the reproduction grid's engine).
 
 Shapes: X [batch, d, n], Y [batch, d_out, n], X_query [batch, d, m], W [batch, d_out, d].
 """
@@ -244,59 +244,3 @@ def _step_search(X, grid_points: int, rel_tol: float) -> tuple[np.ndarray, dict]
   return np.geomspace(1e-4 * hi, hi, grid_points), dict(
       done=lambda lo, best, hi: hi - lo <= rel_tol * best,
       refine=lambda lo, hi: np.linspace(lo, hi, _ZOOM_POINTS))
-
-
-def gd_errors(X, Y, step_sizes, error, *, steps: int) -> jax.Array:
-  """error(W_t) after t = 1..steps GD steps from W_0 = 0, for each constant step size:
-  [len(step_sizes), steps, *error's shape].  `error` maps W [batch, d_out, d] to an array."""
-  sigma_hat, b = sufficient_statistics(X, Y)
-  return jax.lax.map(lambda eta: _gd_scan(jnp.zeros(b.shape, X.dtype), sigma_hat, b,
-                                          lambda g: eta * g, error, steps=steps), step_sizes)
-
-
-@functools.partial(jax.jit, static_argnames="steps")
-def gd_errors_every_step(X, Y, X_query, targets, step_sizes, *, steps: int) -> jax.Array:
-  """Batch-mean query MSE of GD after t = 1..steps, for each step size: [len(step_sizes), steps].
-
-  Non-finite errors (divergence) are +inf so that a search never picks them.
-  """
-  def error(W):
-    err = jnp.mean(jnp.square(W @ X_query - targets))
-    return jnp.where(jnp.isfinite(err), err, jnp.inf)
-  return gd_errors(X, Y, step_sizes, error, steps=steps)
-
-
-def best_constant_steps(X, Y, X_query, targets, loops, *, rel_tol: float = 1e-4,
-                        grid_points: int = 48) -> tuple[np.ndarray, np.ndarray]:
-  """`best_constant_step` for every T in `loops` at once: (η [L], error [L]) as numpy arrays.
-
-  The same search (`zoom_minimize` from the same log grid, zoomed until the bracket is narrower
-  than rel_tol·η), but one GD run yields the error after every t, so all T share each
-  evaluation: a handful of compiled calls per prompt batch instead of a handful per T.
-  """
-  loops = [int(T) for T in loops]
-  steps = max(loops)
-  log_grid, rule = _step_search(X, grid_points, rel_tol)
-  first = True
-
-  def errors_of(grids):  # {j: step sizes} -> {j: errors after loops[j] steps}
-    nonlocal first
-    if first:  # every T starts on log_grid: one run gives them all
-      first = False
-      errs = np.asarray(gd_errors_every_step(X, Y, X_query, targets, jnp.asarray(log_grid, X.dtype),
-                                             steps=steps))
-      return {j: errs[:, loops[j] - 1] for j in grids}
-    flat = np.concatenate(list(grids.values()))
-    # Padded to one length (a zoom grid per T) so that every round reuses one compiled program.
-    flat = np.concatenate([flat, np.full(_ZOOM_POINTS * len(loops) - len(flat), flat[-1])])
-    errs = np.asarray(gd_errors_every_step(X, Y, X_query, targets, jnp.asarray(flat, X.dtype),
-                                           steps=steps))                       # [len(flat), steps]
-    out, start = {}, 0
-    for j, g in grids.items():
-      out[j] = errs[start:start + len(g), loops[j] - 1]
-      start += len(g)
-    return out
-
-  best = zoom_minimize_many(errors_of, {j: log_grid for j in range(len(loops))}, **rule)
-  return (np.array([best[j][0] for j in range(len(loops))]),
-          np.array([best[j][1] for j in range(len(loops))]))
