@@ -91,7 +91,7 @@ def test_oracle_bound_holds_prompt_by_prompt_against_numpy(task_kind):
   — and spectral.oracle_bound is that bound; at T = 1 some prompt comes within 50% of it (the
   bound is not vacuous)."""
   kind = "relative" if task_kind == "vector_generation" else "mse"
-  t, b = _prompts(task_kind, d=5, n=10, noise=0.2, kappa=1.0, batch=128, seed=3)
+  t, b = _prompts(task_kind, d=5, n=10, noise=0.2, kappa=1.0, batch=64, seed=3)
   X, Y, Xq = (np.asarray(v) for v in (b.X, b.Y, b.X_query))
   lam = np.linalg.eigvalsh(np.einsum("bdn,ben->bde", X, X) / X.shape[-1])
   kappa_hat = lam[:, -1] / lam[:, 0]
@@ -134,7 +134,7 @@ def test_tuned_step_is_the_searched_optimum_and_the_shoulder_is_on_its_left():
   with jax.enable_x64(True):
     sp = spectral.decompose(b.X, b.Y, b.X_query, b.targets, kind="mse")
     rule, star, best = spectral.tune_constant_step(sp, loops, kind="mse", shoulder=1.1)
-    grid = np.linspace(0.05, 1.5, 600)
+    grid = np.linspace(0.05, 1.5, 240)
     for j, T in enumerate(loops):
       means = np.asarray(spectral.mean_errors(sp, grid, np.full(grid.shape, T), kind="mse"))
       assert best[j] <= means.min() * (1 + 1e-6)

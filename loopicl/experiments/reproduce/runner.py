@@ -25,8 +25,10 @@ def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
   outputs.write_csv(os.path.join(workdir, "results.csv"), outputs.CSV_COLUMNS, rows)
   outputs.write_csv(os.path.join(workdir, "n_required.csv"), outputs.N_REQUIRED_COLUMNS,
                     outputs.n_required_rows(config, rows))
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
+  tmp = os.path.join(workdir, "summary.md.tmp")  # atomic, like the CSVs: never a half-written file
+  with open(tmp, "w") as f:
     f.write(summary.summary_markdown(config, rows))
+  os.replace(tmp, os.path.join(workdir, "summary.md"))
   if figures and rows:
     for name, fig in figures_lib.make_figures(config, rows, weight_rows).items():
       runlog.save_figure(fig, workdir, name)
