@@ -34,9 +34,9 @@ def _rule_methods(rows) -> list[str]:
   return [m for m in step_rules.METHODS + ("trained",) if m in present]
 
 
-def step_rule_table(config, rows, noise: float = 0.0) -> list[str]:
+def step_rule_table(config, rows, noise: float = 0.0, agg=None) -> list[str]:
   """Mean / median error of every step rule (and trained) at SHOWN_LOOPS, every κ_Σ = 1 setting."""
-  agg, methods = aggregate(rows, noise), _rule_methods(rows)
+  agg, methods = agg if agg is not None else aggregate(rows, noise), _rule_methods(rows)
   loops = [T for T in SHOWN_LOOPS if T in config.grid.loops]
   lines = ["| task | d | n/d | κ̂ (median) | T | " + " | ".join(f"{m} mean / median" for m in methods) + " |",
            "|---|---|---|---|---|" + "---|" * len(methods)]
@@ -104,9 +104,9 @@ def noise_table(config, rows) -> list[str]:
   return lines
 
 
-def headline_table(rows: list[dict], loops=HEADLINE_LOOPS) -> list[str]:
+def headline_table(rows: list[dict], loops=HEADLINE_LOOPS, agg=None) -> list[str]:
   """Trained vs the tuned construction at a few T (mean and median), the ladder beside them."""
-  agg = aggregate(rows)
+  agg = agg if agg is not None else aggregate(rows)
   rungs = [m for m in ladder.METHODS if any(r["method"] == m for r in rows)]
   lines = ["| task | d | n/d | κ_Σ | T | construction mean / median | pgd mean | trained mean / median | "
            + "".join(f"{ladder.SHORT[m]} | " for m in rungs) + "trained / construction (means) | diverged |",
@@ -123,9 +123,10 @@ def headline_table(rows: list[dict], loops=HEADLINE_LOOPS) -> list[str]:
   return lines
 
 
-def condition_table(config, rows) -> list[str]:
+def condition_table(config, rows, agg=None) -> list[str]:
   """Error / (error at T = 0) at grid.fixed_n_over_d, T = grid.fixed_loops, against κ_Σ."""
-  agg, g, T = aggregate(rows), config.grid, int(config.grid.fixed_loops)
+  agg = agg if agg is not None else aggregate(rows)
+  g, T = config.grid, int(config.grid.fixed_loops)
   methods = _rule_methods(rows)
   lines = ["| task | d | κ_Σ | " + " | ".join(f"{m} mean / median" for m in methods) + " |",
            "|---|---|---|" + "---|" * len(methods)]
@@ -142,9 +143,9 @@ def condition_table(config, rows) -> list[str]:
   return lines
 
 
-def contraction_table(config, rows) -> list[str]:
+def contraction_table(config, rows, agg=None) -> list[str]:
   """The construction's fitted per-loop factor (median error, T ≤ 20) against ρ(κ̂)."""
-  agg, g = aggregate(rows), config.grid
+  agg, g = agg if agg is not None else aggregate(rows), config.grid
   lines = ["| task | d | n/d | κ̂ (median) | theory ρ | fitted factor (median, T ≤ 20) |", "|---|---|---|---|---|---|"]
   for kind in g.kinds:
     for d in g.ds:
@@ -162,6 +163,7 @@ def contraction_table(config, rows) -> list[str]:
 
 def summary_markdown(config, rows: list[dict]) -> str:
   g = config.grid
+  agg = aggregate(rows)  # the noise-free aggregate, once, for every table below
   mode = train_mode_of(config, 1.0)
   lines = [
       "# Reproduction grid: summary", "",
@@ -173,7 +175,7 @@ def summary_markdown(config, rows: list[dict]) -> str:
       + f". Tuned steps: {g.scan_prompts} scan prompts, shoulder {g.step_shoulder:g}, validated "
       f"on {g.validation_prompts} others. Trained: `{mode}` mode at T = {max(g.trained_loops)}.", "",
       "## Step rules: mean / median error", ""]
-  lines += step_rule_table(config, rows)
+  lines += step_rule_table(config, rows, agg=agg)
   lines += ["", f"## n/d required for the statistic to reach ε = {g.epsilon:g}·(error at T = 0)", "",
             "The smallest n/d of the grid from which on (there and at every larger n/d) the statistic "
             "is below ε; `never`: not on this grid. (n_required.csv has every T.)", ""]
@@ -182,8 +184,8 @@ def summary_markdown(config, rows: list[dict]) -> str:
   noise = noise_table(config, rows)
   if noise:
     lines += ["", "## Label noise: optimisation error vs least squares' own error"] + noise
-  lines += ["", "## Trained vs construction", ""] + headline_table(rows)
+  lines += ["", "## Trained vs construction", ""] + headline_table(rows, agg=agg)
   lines += ["", f"## Error / error at T = 0 against κ_Σ (n/d = {g.fixed_n_over_d:g}, T = {g.fixed_loops})", ""]
-  lines += condition_table(config, rows)
-  lines += ["", "## Per-loop contraction of the construction (κ_Σ = 1)", ""] + contraction_table(config, rows)
+  lines += condition_table(config, rows, agg=agg)
+  lines += ["", "## Per-loop contraction of the construction (κ_Σ = 1)", ""] + contraction_table(config, rows, agg=agg)
   return "\n".join(lines) + "\n"
