@@ -48,6 +48,7 @@ def get_config():
   config.train.loss_normalization = "none"
   config.train.loss_loops = 1
   config.train.curriculum_start = 0
+  config.train.construction_steps = 0       # no GD construction in this family
   config.eval.every = 50                    # dense enough to see the 0-1 loss fall on a log axis
   config.eval.num_prompts = 4096
   config.checkpoint.every = 1000

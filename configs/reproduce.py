@@ -43,6 +43,8 @@ def experiment() -> ml_collections.ConfigDict:
   c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760);
   c.train.curriculum_increment = 1  # two every 50 halves the compiles but diverged (n/d = 4, 8)
   c.train.steps_per_call = 40       # = curriculum_every: one chunk length, one compile per T
+  c.train.construction_steps = 0    # every block of P and Q trained (the default masks all but the
+                                    # construction's blocks; docs/learning.md)
   return c
 
 

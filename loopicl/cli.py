@@ -265,6 +265,37 @@ def run_reproduce():
   _run(_reproduce_main, "--config=<file> --workdir=<dir> --config.<section>.<field>=<value>")
 
 
+# -- scripts/learning.py --------------------------------------------------------------------------
+
+def _learning_main(argv):
+  _no_arguments(argv, "--config, --workdir, --config.<field>=<value>")
+  if not flags.FLAGS.workdir:
+    fail("--workdir is required; allowed: a directory path (created if missing)")
+  logging.set_verbosity(logging.WARNING)
+  from loopicl import errors
+  from loopicl.experiments import learning
+  config = _loaded_config("configs/learning.py")
+  try:
+    learning.validate(config)
+  except errors.ConfigError as e:
+    fail(str(e))
+  except (AttributeError, KeyError, TypeError) as e:  # not a learning config (missing fields)
+    fail(f"--config is not a learning config ({one_line(e)}); allowed: configs/learning.py")
+  if flags.FLAGS.tails:
+    for line in learning.tail_report(config, flags.FLAGS.workdir):
+      print(line, flush=True)
+    return
+  learning.run(config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
+
+
+def run_learning():
+  """Entry point of scripts/learning.py."""
+  flags.DEFINE_string("workdir", None, "Directory for points/, learning.csv, summary.md, figure.")
+  flags.DEFINE_bool("tails", False, "Print which prompts decide each finished seed's mean.")
+  _config_flag("Learning config (configs/learning.py).")
+  _run(_learning_main, "--config=<file> --workdir=<dir> --config.<section>.<field>=<value>")
+
+
 # -- scripts/large_t_recipes.py -------------------------------------------------------------------
 
 def _large_t_main(argv):

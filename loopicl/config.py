@@ -31,7 +31,7 @@ GENERIC_FIELDS = {
               "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
               "loss_normalization", "curriculum_start", "curriculum_every",
               "curriculum_increment", "construction_steps", "steps_per_call", "log_every"},
-    "eval": {"every", "num_prompts", "seed"},
+    "eval": {"every", "num_prompts", "seed", "extrapolation"},
     "checkpoint": {"every", "keep"},
     "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
 }
@@ -146,6 +146,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   field_int(cfg, "eval", "every")
   field_int(cfg, "eval", "num_prompts")
   field_int(cfg, "eval", "seed", 0)
+  if "extrapolation" in cfg.eval:  # optional: configs written before it existed lack it
+    field_int(cfg, "eval", "extrapolation")
   field_int(cfg, "checkpoint", "every")
   field_int(cfg, "checkpoint", "keep")
 
@@ -168,7 +170,7 @@ def _validate_train(cfg) -> None:
     fail("train.loss_loops", cfg.train.loss_loops, f"an integer in [1, model.loops={cfg.model.loops}]")
   field_choice(cfg, "train", "loss_normalization", LOSS_NORMALIZATIONS)
   if "construction_steps" in cfg.train:  # optional: configs written before it existed lack it
-    field_int(cfg, "train", "construction_steps", 0)
+    field_int(cfg, "train", "construction_steps", -1)  # -1: the whole run
   field_int(cfg, "train", "steps_per_call")
   field_int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:

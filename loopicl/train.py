@@ -62,8 +62,8 @@ def make_optimizer(train_config, extra: optax.GradientTransformation | None = No
   else:
     opt = optax.sgd(schedule, momentum=float(t.momentum))
   if extra is None:  # the optimizer state keeps its older structure
-    if int(t.get("construction_steps", 0)) > 0:  # asked for, but it would be silently dropped
-      raise ValueError("train.construction_steps > 0 needs the family's optimizer_extra(); "
+    if int(t.get("construction_steps", 0)) != 0:  # asked for, but it would be silently dropped
+      raise ValueError("train.construction_steps != 0 needs the family's optimizer_extra(); "
                        "allowed: train.family_optimizer(family)")
     return optax.chain(clip, opt)
   return optax.chain(clip, opt, extra)

@@ -31,7 +31,7 @@ def _save_construction(workdir, config, step=STEP, eta=ETA):
   P, Q = construction.gd_params(config.task.d, config.task.d_out, step_size=eta, dtype=model.P[...].dtype)
   model.P[...], model.Q[...] = P, Q
   params = nnx.to_pure_dict(nnx.split(model)[1])
-  state = {"params": params, "opt_state": train.make_optimizer(config.train).init(params),
+  state = {"params": params, "opt_state": train.family_optimizer(family_lib.of(config)).init(params),
            "data_key": jax.random.key_data(jax.random.key(0))}
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
   ckpt.save(step, state)
@@ -65,7 +65,7 @@ def test_evaluate_run_on_saved_construction(run_dir):
   acc.Reload()
   assert [e.step for e in acc.Scalars("analysis/weight_distance")] == [STEP]
   assert "analysis/errors" in acc.Tags()["images"]
-  assert linear_family.default_loops_max(5) == 40 and linear_family.default_loops_max(30) == 60
+  assert linear_family.default_loops_max(5) == 40 and linear_family.default_loops_max(30) == 120
 
 
 def test_evaluate_run_errors(tmp_path, run_dir):

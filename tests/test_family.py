@@ -75,6 +75,7 @@ def _toy_config(steps=60):
   c.model = ml_collections.ConfigDict({"loops": 1})
   c.train.steps, c.train.steps_per_call, c.train.log_every = steps, 10, 10
   c.train.learning_rate, c.train.warmup_steps = 0.1, 5
+  c.train.construction_steps = 0  # the default's update mask is the linear family's (GD blocks)
   c.eval.every, c.checkpoint.every = 20, 20
   return c
 

@@ -196,7 +196,7 @@ def test_sweep_equals_separate_runs():
   result = sweep.train_seeds(config, seeds)
   assert result.diverged_at.tolist() == [-1, -1]
   family = family_lib.of(config)
-  tx = train.make_optimizer(config.train)
+  tx = train.family_optimizer(family)
   for k, seed in enumerate(seeds):
     single = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
                             "train.steps": 50, "train.seed": seed})

@@ -40,7 +40,7 @@ _SHORT_RUN = """
     \"\"\"The training loop's own pieces: init, placement, jitted chunks.\"\"\"
     config = tiny_config(**{"train.batch_size": 16})
     family = family_lib.of(config)
-    tx = train.make_optimizer(config.train)
+    tx = train.family_optimizer(family)
     model_def, state = train.init_state(family, tx, config.train.seed)
     state = distributed.place_state(state)
     chunk = train.make_train_chunk(family, model_def, tx, 16, int(config.model.loops))
@@ -233,7 +233,7 @@ def test_long_sharded_run_does_not_abort():
     from tests.test_train import tiny_config
     config = tiny_config(**{"train.batch_size": 16})
     family = family_lib.of(config)
-    tx = train.make_optimizer(config.train)
+    tx = train.family_optimizer(family)
     model_def, state = train.init_state(family, tx, config.train.seed)
     state = distributed.place_state(state)
     chunk = train.make_train_chunk(family, model_def, tx, 16, 2)

@@ -21,6 +21,7 @@ TINY_OVERRIDES = {
     "task.d": 3, "task.n_context": 8, "model.loops": 2, "train.batch_size": 16,
     "train.steps": 60, "train.steps_per_call": 10, "train.log_every": 10, "train.warmup_steps": 5,
     "eval.every": 20, "eval.num_prompts": 64, "checkpoint.every": 20, "checkpoint.keep": 3,
+    "train.curriculum_start": 0,  # T from the first step (the default curriculum adds a loop per 100)
 }
 
 

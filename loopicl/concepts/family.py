@@ -49,7 +49,7 @@ class ConceptFamily(family_lib.Family):
     for name in ("remat", "unroll"):  # carried over from the default config; unused here
       if name in cfg.model:
         (config_lib.field_bool if name == "remat" else config_lib.field_int)(cfg, "model", name)
-    if cfg.train.get("construction_steps", 0) > 0:
+    if cfg.train.get("construction_steps", 0) != 0:
       config_lib.fail("train.construction_steps", cfg.train.construction_steps,
                       f"0 for task.kind={cfg.task.kind!r} (the GD construction exists for "
                       f"{' | '.join(linear_tasks.TASK_KINDS)} only)")

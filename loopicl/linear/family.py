@@ -17,9 +17,21 @@ from loopicl import config as config_lib, family as family_lib, stats
 from loopicl.linear import baselines, construction, model as model_lib, tasks, training, weights
 
 
+EXTRAPOLATION = 4  # eval.extrapolation when a config lacks it: read the model at loops 1 … 4T
+
+
 def default_loops_max(trained_loops: int) -> int:
-  """2·T, at least 40: far enough past T to see whether the learned loop keeps converging."""
-  return max(2 * int(trained_loops), 40)
+  """4·T, at least 40: far enough past T to see whether the learned loop keeps converging."""
+  return max(EXTRAPOLATION * int(trained_loops), 40)
+
+
+def extrapolation_verdict(error_T: float, error_far: float, nonfinite: int) -> str:
+  """How the error past the trained T behaves: falls (below half of T's at the farthest loop),
+  holds (within 2×), blows up (above 2×, or any prompt non-finite)."""
+  if nonfinite or not np.isfinite(error_far):
+    return "blows up"
+  ratio = error_far / error_T if error_T > 0 else np.inf
+  return "falls" if ratio < 0.5 else ("holds" if ratio <= 2.0 else "blows up")
 
 
 @family_lib.register
@@ -70,6 +82,8 @@ class LinearFamily(family_lib.Family):
 
   def optimizer_extra(self):
     steps = int(self.config.train.get("construction_steps", 0))
+    if steps < 0:  # -1: the whole run (train.steps, or more: a resumed run may extend it)
+      steps = np.iinfo(np.int32).max
     return training.construction_phase(steps, int(self.task.d)) if steps > 0 else None
 
   # -- loss -------------------------------------------------------------------------------------
@@ -124,9 +138,13 @@ class LinearFamily(family_lib.Family):
 
     Reports the MSE after each loop 1..T (mean over finite prompts, with the count of non-finite
     ones), the error of GD with the best constant step at the same T on the same prompts (the step
-    is scanned on separate prompts), their ratio, and the scale-invariant weight distance.
+    is scanned on separate prompts), their ratio, and the scale-invariant weight distance.  And
+    the loop extrapolation (users run looped models deeper than trained): the errors after loops
+    1 … k·T (k = eval.extrapolation), the ratio at k·T over T and its verdict (falls / holds /
+    blows up, `extrapolation_verdict`).
     """
     T = int(self.config.model.loops)
+    far = int(self.config.eval.get("extrapolation", EXTRAPOLATION)) * T
     key = jax.random.key(int(self.config.eval.seed))
     test = self.sample(jax.random.fold_in(key, 0), int(self.config.eval.num_prompts))
     scan = self.sample(jax.random.fold_in(key, 1), int(self.config.eval.num_prompts))
@@ -148,25 +166,31 @@ class LinearFamily(family_lib.Family):
 
     @jax.jit
     def _metrics(P, Q):
-      readouts = model_lib.jitted_readouts(P, Q, test.Z0, T, d_out, n_queries)
-      per_prompt = tasks.query_mse(readouts, test.targets)               # [T, batch]
+      readouts = model_lib.jitted_readouts(P, Q, test.Z0, far, d_out, n_queries)
+      per_prompt = tasks.query_mse(readouts, test.targets)               # [k·T, batch]
       mse, nonfinite = stats.finite_mean(per_prompt)
       out = {"test_error_per_loop": mse, "nonfinite_per_loop": nonfinite,
              "weight_distance": weights.weight_distance(P, Q, d_out),
              "gd_step_equivalent": weights.gd_step_equivalent(P, Q, d_out)}
       if vector_generation:  # read-out = Ŵ_t when the queries are e_1..e_d
         out["weight_error_per_loop"] = stats.finite_mean(
-            tasks.relative_weight_error(readouts, test.W_star))[0]
+            tasks.relative_weight_error(readouts[:T], test.W_star))[0]
       return out
 
     def evaluate(model) -> dict:
       P, Q = model.weights()
       m = jax.device_get(_metrics(P, Q))
-      per_loop = [float(x) for x in m["test_error_per_loop"]]
+      extended = [float(x) for x in m["test_error_per_loop"]]
+      per_loop = extended[:T]
+      far_nonfinite = int(np.max(m["nonfinite_per_loop"][T - 1:]))
       result = {
           "test_error": per_loop[-1],
           "test_error_per_loop": per_loop,
-          "nonfinite_prompts": int(m["nonfinite_per_loop"][-1]),
+          "nonfinite_prompts": int(m["nonfinite_per_loop"][T - 1]),
+          "extrapolation_per_loop": extended,
+          "extrapolation_ratio": extended[-1] / per_loop[-1] if per_loop[-1] > 0 else float("inf"),
+          "extrapolation_nonfinite": far_nonfinite,
+          "extrapolation": extrapolation_verdict(per_loop[-1], extended[-1], far_nonfinite),
           "gd_error": gd_error,
           "gd_ratio": per_loop[-1] / gd_error,
           "gd_step_size": eta,
@@ -199,7 +223,8 @@ class LinearFamily(family_lib.Family):
             ["eval/test_error", "eval/gd_error", "eval/pgd_error"],
         "query MSE after every loop t": ["eval/per_loop/test_error_loop_.*"],
         "model / GD and model / PGD": ["eval/gd_ratio", "eval/pgd_ratio"],
-        "distance to the GD line": ["eval/weight_distance"]}
+        "distance to the GD line": ["eval/weight_distance"],
+        "error after 4T loops / after T (extrapolation)": ["eval/extrapolation_ratio"]}
     return charts
 
   def summary_lines(self, result: dict) -> list[str]:
@@ -212,6 +237,10 @@ class LinearFamily(family_lib.Family):
              f"   weight distance to GD line    {result['weight_distance']:.3f}"]
     if result.get("nonfinite_prompts"):
       lines.append(f"   non-finite prompts            {result['nonfinite_prompts']}")
+    if "extrapolation" in result:
+      k = len(result["extrapolation_per_loop"]) // len(result["test_error_per_loop"])
+      lines.append(f"   error after {k}T loops / T     {result['extrapolation_ratio']:.3g}  "
+                   f"({result['extrapolation']})")
     return lines
 
   def report(self, workdir: str, model, step: int, *, loops_max: int | None = None,

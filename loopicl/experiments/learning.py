@@ -1,0 +1,221 @@
+"""Learned from scratch: does training find the best algorithm in the model class? (docs/learning.md)
+
+For each setting (d, n/d, κ_Σ, rotated Σ or not, T) the experiment's training recipe (the
+default, `configs/default.py`: random init) trains every seed in one vmapped program
+(`sweep.train_seeds`) and each seed is read out in float64 on its own held-out prompts at every
+loop 1 … `grid.extrapolation`·T.  Beside it, on the same prompts, the two algorithms the model
+class contains and a trained model must reach: GD with one constant step η and preconditioned
+GD with A = c·Σ⁻¹, each with the step that minimises the mean error at T *on these very
+prompts* (`spectral.tune_constant_step` without the shoulder rule, in closed form,
+`linear.spectral`): the best constant step in hindsight — a baseline no rule chosen on other
+prompts can beat, so "trained ≤ 1.1 × baseline" errs against the trained model.  Statistics are
+per seed, mean and median over the prompts.
+
+A setting's numbers live in <workdir>/points/<id>.json with a fingerprint of everything they
+depend on; rerunning the same command skips finished settings.  `write_outputs` rebuilds
+learning.csv, summary.md and the figure from the points.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from loopicl import config as config_lib, distributed, stats, sweep
+from loopicl.errors import ConfigError
+from loopicl.experiments.reproduce import compute, step_rules
+from loopicl.linear import spectral, tasks, weights
+from loopicl.linear.model import loop_readouts
+
+SETTING_FIELDS = ("d", "n_over_d", "condition_number", "rotate", "loops")
+GRID_FIELDS = ("settings", "seeds", "eval_prompts", "eval_seed", "extrapolation", "target",
+               "cpu_devices", "figures")
+
+
+def validate(config) -> None:
+  """Raises ConfigError (one line) for a bad grid field; the experiment via config.validate."""
+  g = config.grid
+  for key in g.keys():
+    if key not in GRID_FIELDS:
+      raise ConfigError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(GRID_FIELDS)}")
+  ok = isinstance(g.settings, (tuple, list)) and g.settings and all(
+      isinstance(s, (tuple, list)) and len(s) == 5 and int(s[0]) >= 1 and float(s[1]) > 0
+      and float(s[2]) >= 1 and isinstance(s[3], bool) and int(s[4]) >= 1 for s in g.settings)
+  if not ok:
+    raise ConfigError(f"config.grid.settings={g.settings!r} is invalid; allowed: a non-empty tuple "
+                      f"of ({', '.join(SETTING_FIELDS)}) with d, T >= 1, n/d > 0, κ >= 1, rotate bool")
+  if not g.seeds or not all(isinstance(s, int) and s >= 0 for s in g.seeds):
+    raise ConfigError(f"config.grid.seeds={g.seeds!r} is invalid; allowed: a non-empty tuple of "
+                      "integers >= 0")
+  if not isinstance(g.extrapolation, int) or g.extrapolation < 1:
+    raise ConfigError(f"config.grid.extrapolation={g.extrapolation!r} is invalid; allowed: an "
+                      "integer >= 1 (read loops 1 … extrapolation·T)")
+  config_lib.validate(config.experiment)
+
+
+def setting_dict(s) -> dict:
+  d, r, kappa, rotate, T = s
+  return {"d": int(d), "n": int(round(float(r) * int(d))), "n_over_d": float(r),
+          "condition_number": float(kappa), "rotate": bool(rotate), "loops": int(T)}
+
+
+def setting_id(p: dict) -> str:
+  rot = "_rot" if p["rotate"] and p["condition_number"] > 1 else ""
+  return f"d{p['d']}_n{p['n']}_kappa{p['condition_number']:g}{rot}_T{p['loops']}"
+
+
+def experiment_config(config, p: dict):
+  """The training config of one setting: the experiment template with its task and T."""
+  exp = copy.deepcopy(config.experiment)
+  with exp.unlocked():
+    exp.task.d, exp.task.n_context = p["d"], p["n"]
+    exp.task.condition_number, exp.task.rotate = p["condition_number"], p["rotate"]
+    exp.model.loops = p["loops"]
+    exp.eval.seed = int(config.grid.eval_seed)
+  return exp
+
+
+def fingerprint(config, p: dict) -> str:
+  g = config.grid
+  parts = {"setting": p, "experiment": experiment_config(config, p).to_dict(),
+           "grid": [list(g.seeds), g.eval_prompts, g.eval_seed, g.extrapolation],
+           "baseline": "hindsight argmin of the mean, zoom 2e-3"}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _baselines(task, test, loops: int, read: np.ndarray) -> dict:
+  """GD (η) and PGD (c·Σ⁻¹), each with the step minimising the mean at T on the test prompts
+  themselves, at every read loop: {"gd"|"pgd": {"step", "error" [L], "error_median" [L]}}
+  (closed form, float64)."""
+  kind = step_rules.error_kind(task.kind)
+  tgt = test.W_star if kind == "relative" else test.targets
+  S = step_rules.whitening(task)
+  out = {}
+  for name, key in (("gd", "gd"), ("pgd", "pgd")):
+    sp = spectral.decompose(test.X, test.Y, test.X_query, tgt, kind=kind,
+                            whitening=None if key == "gd" else S)
+    rule, _, _ = spectral.tune_constant_step(sp, [loops], kind=kind, shoulder=None)
+    err = np.asarray(spectral.errors(sp, float(rule[0]), read, kind=kind, max_loops=int(read[-1])))
+    dist = stats.prompt_distribution(err, 0.0)
+    out[name] = {"step": float(rule[0]), "error": dist["error"].tolist(),
+                 "error_median": dist["error_median"].tolist()}
+  return out
+
+
+def run_setting(config, p: dict, log: Callable[[str], None]) -> dict:
+  """Trains the seeds of one setting and reads them and the two baselines out (float64)."""
+  g = config.grid
+  exp = experiment_config(config, p)
+  result = sweep.train_seeds(exp, list(g.seeds), log=log)
+  task, T = exp.task, p["loops"]
+  read = np.arange(1, int(g.extrapolation) * T + 1)
+  sigma_inv = np.linalg.inv(tasks.covariance(task))
+  out = {"train_wall_s": result.wall_s, "train_steps": int(exp.train.steps), "seeds": {}}
+  with jax.enable_x64(True):
+    t0 = time.time()
+    for k, seed in enumerate(g.seeds):
+      test, _ = compute.eval_prompts(task, g.eval_seed, seed, int(g.eval_prompts))
+      P, Q = (jnp.asarray(w, jnp.float64) for w in sweep.seed_model(result, k).weights())
+      readouts = loop_readouts(P, Q, test.Z0, loops=int(read[-1]), d_out=int(task.d_out),
+                               n_queries=tasks.num_queries(task))
+      err = np.asarray(compute.per_prompt_error(readouts, test, task.kind))   # [L, prompts]
+      dist = stats.prompt_distribution(err, 0.0)
+      zero = compute.per_prompt_error(jnp.zeros_like(test.targets), test, task.kind)
+      A = weights.implied_preconditioner(P, Q, int(task.d_out))
+      out["seeds"][str(seed)] = {
+          "error": dist["error"].tolist(), "error_median": dist["error_median"].tolist(),
+          "nonfinite": dist["nonfinite"].tolist(), "error_at_zero": float(np.mean(np.asarray(zero))),
+          "diverged_at_step": int(result.diverged_at[k]),
+          "final_train_loss": float(result.final_loss[k]),
+          "P": np.asarray(P).tolist(), "Q": np.asarray(Q).tolist(),
+          "offblock_fraction": float(weights.offblock_fraction(P, Q, int(task.d_out))),
+          "precond_cos_sigma_inv": float(weights.matrix_cosine(A, jnp.asarray(sigma_inv))),
+          "baselines": _baselines(task, test, T, read)}
+    out["eval_wall_s"] = time.time() - t0
+  return out
+
+
+def tail_report(config, workdir: str) -> list[str]:
+  """Which prompts decide each finished seed's mean at T: one line per (setting, seed) with the
+  number of held-out prompts that carry 90% of the mean, the mean and median, how many prompts
+  have a spectral radius of I − Σ̂Â above 1 (outside the loop's stability region: their error
+  grows with t), and the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner (float64)."""
+  lines = []
+  for pid, data in load_points(config, workdir).items():
+    p = data["setting"]
+    task, T = experiment_config(config, p).task, p["loops"]
+    with jax.enable_x64(True):
+      for seed, rec in data["seeds"].items():
+        test, _ = compute.eval_prompts(task, config.grid.eval_seed, int(seed), int(config.grid.eval_prompts))
+        P, Q = jnp.asarray(rec["P"]), jnp.asarray(rec["Q"])
+        out = loop_readouts(P, Q, test.Z0, loops=T, d_out=int(task.d_out),
+                            n_queries=tasks.num_queries(task))
+        err = np.asarray(compute.per_prompt_error(out, test, task.kind))[-1]
+        A = np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
+        sigma_hat = np.asarray(test.X @ jnp.swapaxes(test.X, -1, -2)) / p["n"]
+        radius = np.max(np.abs(np.linalg.eigvals(np.eye(p["d"]) - sigma_hat @ A)), axis=-1)
+        top = np.sort(np.where(np.isfinite(err), err, np.inf))[::-1]
+        share = np.cumsum(top) / np.sum(top)
+        k90 = int(np.searchsorted(share, 0.9)) + 1
+        lines.append(f"{pid} seed {seed}: {k90} of {len(err)} prompts carry 90% of the mean "
+                     f"{np.mean(err):.3g} (median {np.median(err):.3g}); {int(np.sum(radius > 1))} "
+                     f"with spectral radius of I − Σ̂Â > 1; ||Â − Âᵀ||/||Â|| = "
+                     f"{np.linalg.norm(A - A.T) / np.linalg.norm(A):.2f}")
+  return lines
+
+
+def _path(workdir, p):
+  return os.path.join(workdir, "points", setting_id(p) + ".json")
+
+
+def load_points(config, workdir: str) -> dict:
+  out = {}
+  for s in config.grid.settings:
+    p = setting_dict(s)
+    try:
+      with open(_path(workdir, p)) as f:
+        data = json.load(f)
+    except FileNotFoundError:
+      continue
+    if data.get("fingerprint") == fingerprint(config, p):
+      out[setting_id(p)] = data
+  return out
+
+
+def run(config, workdir: str, *, log: Callable[[str], None] = print) -> list[dict]:
+  """Runs (or resumes) every setting; rebuilds the outputs after each; returns the rows."""
+  validate(config)
+  distributed.set_cpu_devices(int(config.grid.cpu_devices))
+  os.makedirs(os.path.join(workdir, "points"), exist_ok=True)
+  start = time.time()
+  for i, s in enumerate(config.grid.settings, start=1):
+    p = setting_dict(s)
+    pid, fp = setting_id(p), fingerprint(config, p)
+    path = _path(workdir, p)
+    if os.path.exists(path):
+      with open(path) as f:
+        if json.load(f).get("fingerprint") == fp:
+          continue
+    t0 = time.time()
+    log(f"[{i}/{len(config.grid.settings)}] {pid} ({len(config.grid.seeds)} seeds) ...")
+    data = run_setting(config, p, log)
+    data.update(setting=p, fingerprint=fp, wall_s=time.time() - t0, id=pid)
+    with open(path + ".tmp", "w") as f:
+      json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"[{i}/{len(config.grid.settings)}] {pid} done in {time.time() - t0:.0f} s "
+        f"({time.time() - start:.0f} s so far)")
+    write_outputs(config, workdir, figures=False)
+  return write_outputs(config, workdir, figures=bool(config.grid.figures))
+
+
+def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:
+  from loopicl.experiments import learning_outputs
+  return learning_outputs.write(config, load_points(config, workdir), workdir, figures=figures)

@@ -1,0 +1,161 @@
+"""The learning experiment's outputs: learning.csv, summary.md and the extrapolation figure.
+
+One row per (setting, seed): the trained model's mean and median error at its trained T next to
+GD's and PGD's on the same prompts, the ratios the targets are stated in (trained / the better of
+the two, mean and median separately), divergence, and the loop extrapolation: the error at 2T
+and 4T over the error at T, and a verdict — `falls` (4T below half of T), `holds` (within 2×),
+`blows up` (above 2×, or non-finite prompts).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import numpy as np
+
+from loopicl.linear import family
+
+COLUMNS = ("setting", "d", "n", "n_over_d", "condition_number", "rotate", "loops", "seed",
+           "trained_mean", "trained_median", "gd_mean", "gd_median", "pgd_mean", "pgd_median",
+           "ratio_mean", "ratio_median", "gd_step", "pgd_scale", "diverged_at_step",
+           "nonfinite_at_T", "mean_2T_over_T", "mean_4T_over_T", "median_4T_over_T",
+           "extrapolation", "offblock_fraction", "precond_cos_sigma_inv", "train_wall_s")
+
+
+def _ratio(a, b):
+  return a / b if b > 0 and math.isfinite(a) else math.inf
+
+
+verdict = family.extrapolation_verdict  # falls / holds / blows up: the training evaluator's rule
+
+
+def rows(points: dict) -> list[dict]:
+  out = []
+  for pid, data in points.items():
+    p = data["setting"]
+    T = p["loops"]
+    for seed, s in data["seeds"].items():
+      b = s["baselines"]
+      mean, med = s["error"], s["error_median"]
+      best_mean = min(b["gd"]["error"][T - 1], b["pgd"]["error"][T - 1])
+      best_median = min(b["gd"]["error_median"][T - 1], b["pgd"]["error_median"][T - 1])
+      L = len(mean)
+      out.append({
+          "setting": pid, "d": p["d"], "n": p["n"], "n_over_d": p["n_over_d"],
+          "condition_number": p["condition_number"], "rotate": p["rotate"], "loops": T,
+          "seed": int(seed), "trained_mean": mean[T - 1], "trained_median": med[T - 1],
+          "gd_mean": b["gd"]["error"][T - 1], "gd_median": b["gd"]["error_median"][T - 1],
+          "pgd_mean": b["pgd"]["error"][T - 1], "pgd_median": b["pgd"]["error_median"][T - 1],
+          "ratio_mean": _ratio(mean[T - 1], best_mean),
+          "ratio_median": _ratio(med[T - 1], best_median),
+          "gd_step": b["gd"]["step"], "pgd_scale": b["pgd"]["step"],
+          "diverged_at_step": s["diverged_at_step"], "nonfinite_at_T": s["nonfinite"][T - 1],
+          "mean_2T_over_T": _ratio(mean[min(2 * T, L) - 1], mean[T - 1]),
+          "mean_4T_over_T": _ratio(mean[L - 1], mean[T - 1]),
+          "median_4T_over_T": _ratio(med[L - 1], med[T - 1]),
+          "extrapolation": verdict(mean[T - 1], mean[L - 1], max(s["nonfinite"][T - 1:])),
+          "offblock_fraction": s["offblock_fraction"],
+          "precond_cos_sigma_inv": s["precond_cos_sigma_inv"],
+          "train_wall_s": data["train_wall_s"]})
+  return out
+
+
+def _fmt(x) -> str:
+  if isinstance(x, float):
+    if not math.isfinite(x):
+      return "inf" if x > 0 else "nan"
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+  return str(x)
+
+
+def summary_markdown(config, table: list[dict]) -> str:
+  target = float(config.grid.target)
+  lines = ["# Learned from scratch: trained looped transformers against GD and PGD", "",
+           f"{len(config.grid.seeds)} seeds × {config.grid.eval_prompts} held-out prompts per "
+           "setting; GD (η) and PGD (c·Σ⁻¹) with the step best for the mean at T on the same "
+           "prompts (hindsight).  ratio = trained / min(GD, PGD), per seed (worst seed shown); target "
+           f"≤ {target:g} for mean and median.  Extrapolation: mean error at "
+           f"{config.grid.extrapolation}T over T.", "",
+           "| setting | T | trained mean | GD mean | PGD mean | ratio mean (worst) | trained median | "
+           "GD median | PGD median | ratio median (worst) | seeds ≤ target | diverged | "
+           "4T/T mean (median) | extrapolation | train s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  by_setting: dict[str, list[dict]] = {}
+  for r in table:
+    by_setting.setdefault(r["setting"], []).append(r)
+  for pid, rs in by_setting.items():
+    med = lambda k: float(np.median([r[k] for r in rs]))
+    ok = sum(r["ratio_mean"] <= target and r["ratio_median"] <= target for r in rs)
+    diverged = sum(r["diverged_at_step"] >= 0 for r in rs)
+    verdicts = sorted({r["extrapolation"] for r in rs})
+    lines.append(
+        f"| {pid} | {rs[0]['loops']} | {_fmt(med('trained_mean'))} | {_fmt(med('gd_mean'))} | "
+        f"{_fmt(med('pgd_mean'))} | {_fmt(max(r['ratio_mean'] for r in rs))} | "
+        f"{_fmt(med('trained_median'))} | {_fmt(med('gd_median'))} | {_fmt(med('pgd_median'))} | "
+        f"{_fmt(max(r['ratio_median'] for r in rs))} | {ok}/{len(rs)} | {diverged}/{len(rs)} | "
+        f"{_fmt(med('mean_4T_over_T'))} ({_fmt(med('median_4T_over_T'))}) | "
+        f"{', '.join(verdicts)} | {rs[0]['train_wall_s']:.0f} |")
+  lines += ["", "Errors are medians over seeds of each seed's mean (or median) over prompts; "
+            "query MSE, the T = 0 error is ≈ 1 (tr Σ·‖w‖²-scaled for κ_Σ > 1).", ""]
+  return "\n".join(lines)
+
+
+def write_csv(path: str, table: list[dict]) -> None:
+  with open(path + ".tmp", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in table:
+      w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+  os.replace(path + ".tmp", path)
+
+
+def figure(points: dict):
+  """Error / e₀ against loops 1 … 4T per setting: every seed (thin), GD and PGD (dashed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ids = list(points)
+  cols = min(4, len(ids))
+  rows_ = math.ceil(len(ids) / cols)
+  fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False)
+  for ax, pid in zip(axes.flat, ids):
+    data = points[pid]
+    T = data["setting"]["loops"]
+    curves = []
+    for seed, s in data["seeds"].items():
+      e0 = s["error_at_zero"]
+      t = np.arange(1, len(s["error"]) + 1)
+      for key, ls in (("error", "-"), ("error_median", ":")):
+        curves.append(np.asarray(s[key], float) / e0)
+        ax.semilogy(t, curves[-1], color="C0", lw=0.8, ls=ls, alpha=0.8)
+    s = next(iter(data["seeds"].values()))
+    for name, color in (("gd", "C1"), ("pgd", "C2")):
+      curves.append(np.asarray(s["baselines"][name]["error"], float) / s["error_at_zero"])
+      ax.semilogy(t, curves[-1], color=color, ls="--", lw=1, label=f"{name.upper()} (best η at T)")
+    # A blown-up seed (1e300) must not flatten the rest: cap the axis at 1e3 × e₀.
+    values = np.concatenate(curves)
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size:
+      ax.set_ylim(0.5 * values.min(), min(2 * values.max(), 1e3))
+    ax.axvline(T, color="k", lw=0.6)
+    ax.set_title(pid, fontsize=8)
+    ax.set_xlabel("loop t")
+  axes.flat[0].set_ylabel("error / e₀ (solid: mean, dotted: median)")
+  axes.flat[0].legend(fontsize=7)
+  for ax in list(axes.flat)[len(ids):]:
+    ax.axis("off")
+  fig.tight_layout()
+  return fig
+
+
+def write(config, points: dict, workdir: str, *, figures: bool = True) -> list[dict]:
+  table = rows(points)
+  write_csv(os.path.join(workdir, "learning.csv"), table)
+  with open(os.path.join(workdir, "summary.md.tmp"), "w") as f:
+    f.write(summary_markdown(config, table))
+  os.replace(os.path.join(workdir, "summary.md.tmp"), os.path.join(workdir, "summary.md"))
+  if figures and points:
+    from loopicl import runlog
+    runlog.save_figure(figure(points), workdir, "extrapolation")
+  return table
