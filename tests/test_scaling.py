@@ -108,6 +108,7 @@ def test_single_process_distributed_initialize(four_device_child):
     assert os.path.exists(os.path.join(workdir, name))
 
 
+@pytest.mark.slow  # three training processes (~60–90 s on 2 cores): the default run's 10-min budget
 def test_two_processes_match_one_process_on_two_devices(tmp_path):
   """Multi-host for real, on one machine: two processes joined by jax.distributed (one CPU device
   each, Gloo collectives) train the batch split over both — the same numbers as one process on
