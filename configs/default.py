@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
                                     # construction's blocks) move, the rest stays at init (0: off, -1: the
                                     # whole run).  -1 by default: the other blocks, once free, grow to ~1/3 of
                                     # the weight and end 3-900x above GD/PGD (docs/learning.md)
+  config.train.tail_pool = 1         # tail-holding batches: draw each batch from tail_pool·batch_size
+  config.train.tail_prompts = 0      # candidates, always keep the tail_prompts of largest whitened
+                                    # λ_max(Σ̂), weighted to their true share (unbiased; linear family,
+                                    # loopicl/linear/tail_sampling.py).  1 / 0: uniform batches.  8 / 16
+                                    # at n/d = 1.5, T = 20 did not stop divergence (docs/learning.md)
   config.train.steps_per_call = 50  # optimizer steps per jitted call (lax.scan): amortises dispatch
   config.train.log_every = 100      # train scalars to TensorBoard every this many steps
 

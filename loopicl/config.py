@@ -30,7 +30,8 @@ GENERIC_FIELDS = {
     "train": {"seed", "steps", "batch_size", "optimizer", "learning_rate", "schedule",
               "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
               "loss_normalization", "curriculum_start", "curriculum_every",
-              "curriculum_increment", "construction_steps", "steps_per_call", "log_every"},
+              "curriculum_increment", "construction_steps", "tail_pool", "tail_prompts",
+              "steps_per_call", "log_every"},
     "eval": {"every", "num_prompts", "seed", "extrapolation"},
     "checkpoint": {"every", "keep"},
     "": {"task", "model", "train", "eval", "checkpoint", "distributed", "cpu_devices"},
@@ -171,6 +172,13 @@ def _validate_train(cfg) -> None:
   field_choice(cfg, "train", "loss_normalization", LOSS_NORMALIZATIONS)
   if "construction_steps" in cfg.train:  # optional: configs written before it existed lack it
     field_int(cfg, "train", "construction_steps", -1)  # -1: the whole run
+  if "tail_pool" in cfg.train:  # optional, like construction_steps
+    field_int(cfg, "train", "tail_pool", 1)
+  if "tail_prompts" in cfg.train:
+    field_int(cfg, "train", "tail_prompts", 0)
+    if cfg.train.tail_prompts >= cfg.train.batch_size:
+      fail("train.tail_prompts", cfg.train.tail_prompts,
+           f"an integer in [0, train.batch_size={cfg.train.batch_size})")
   field_int(cfg, "train", "steps_per_call")
   field_int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:

@@ -48,13 +48,39 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), after], [warmup])
 
 
+def global_norm(tree) -> jax.Array:
+  """‖tree‖₂ that does not overflow: scaled by the largest |entry| first.
+
+  Why: a prompt the loop blows up gives float32 gradients of ~1e19 — finite, and clipped to an
+  ordinary step — but their plain sum of squares is inf, which would turn a recoverable step
+  into a divergence (the step is rejected as non-finite).
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros([])
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  safe = jnp.where(scale > 0, scale, 1.0)
+  total = sum(jnp.sum(jnp.square(x / safe)) for x in leaves)
+  return jnp.where(scale > 0, safe * jnp.sqrt(total), 0.0)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with the overflow-free `global_norm` (same empty state)."""
+  def update_fn(updates, params=None):
+    del params
+    norm = global_norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates)
+  return optax.stateless(update_fn)
+
+
 def make_optimizer(train_config, extra: optax.GradientTransformation | None = None
                    ) -> optax.GradientTransformation:
   """clip → Adam/AdamW/SGD with the schedule (→ the family's `optimizer_extra()`, if any)."""
   t = train_config
   schedule = learning_rate_schedule(t)
   # Clipping is always in the chain (inf when off) so the optimizer state has one structure.
-  clip = optax.clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
+  clip = clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
   if t.optimizer == "adam":
     opt = optax.adam(schedule)
   elif t.optimizer == "adamw":
@@ -104,7 +130,7 @@ def make_train_step(family, model_def: ModelDef, tx, batch_size: int, loops: int
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "data_key": state["data_key"]}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return new_state, {"loss": loss, "grad_norm": global_norm(grads), **aux}
 
   return step_fn
 

@@ -49,6 +49,11 @@ class ConceptFamily(family_lib.Family):
     for name in ("remat", "unroll"):  # carried over from the default config; unused here
       if name in cfg.model:
         (config_lib.field_bool if name == "remat" else config_lib.field_int)(cfg, "model", name)
+    for name, off in (("tail_pool", 1), ("tail_prompts", 0)):  # the tail score is λ_max(Σ̂)
+      if cfg.train.get(name, off) != off:
+        config_lib.fail(f"train.{name}", cfg.train[name],
+                        f"{off} for task.kind={cfg.task.kind!r} (tail-holding batches exist for "
+                        f"{' | '.join(linear_tasks.TASK_KINDS)} only)")
     if cfg.train.get("construction_steps", 0) != 0:
       config_lib.fail("train.construction_steps", cfg.train.construction_steps,
                       f"0 for task.kind={cfg.task.kind!r} (the GD construction exists for "

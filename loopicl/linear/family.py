@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from loopicl import config as config_lib, family as family_lib, stats
-from loopicl.linear import baselines, construction, model as model_lib, tasks, training, weights
+from loopicl.linear import (baselines, construction, model as model_lib, tail_sampling, tasks,
+                            training, weights)
 
 
 EXTRAPOLATION = 4  # eval.extrapolation when a config lacks it: read the model at loops 1 … 4T
@@ -78,7 +79,11 @@ class LinearFamily(family_lib.Family):
     return training.create_model(self.config, rngs)
 
   def sample(self, key, batch_size: int) -> tasks.Batch:
-    return tasks.sample(key, self.task, batch_size)
+    """A training batch, weighted: the tail-holding draw of `train.tail_pool` / `train.tail_prompts`
+    (loopicl/linear/tail_sampling.py; pool 1 is uniform).  Evaluation draws with tasks.sample."""
+    t = self.config.train
+    return tail_sampling.sample(key, self.task, batch_size, int(t.get("tail_pool", 1)),
+                                int(t.get("tail_prompts", 0)))
 
   def optimizer_extra(self):
     steps = int(self.config.train.get("construction_steps", 0))
@@ -105,7 +110,7 @@ class LinearFamily(family_lib.Family):
     """GD query MSE after t = 1..T steps (best constant step for T) on 1024 separate prompts."""
     if self._gd_curve is None:
       T = int(self.config.model.loops)
-      b = self.sample(jax.random.key(int(self.config.eval.seed) + 7919), 1024)
+      b = tasks.sample(jax.random.key(int(self.config.eval.seed) + 7919), self.task, 1024)
       eta, _ = construction.best_constant_step(b.X, b.Y, b.X_query, b.targets, steps=T)
       W = construction.gd_iterates(b.X, b.Y, steps=T, step_size=eta)[1:]
       err = tasks.query_mse(W @ b.X_query, b.targets).mean(-1)
@@ -124,7 +129,9 @@ class LinearFamily(family_lib.Family):
 
     def loss(model, batch: tasks.Batch, loops: int):
       readouts = model(batch.Z0, loops=loops, n_queries=self.n_queries, kernel=kernel)
-      per_loop = jnp.mean(jnp.square(readouts - batch.targets), axis=(1, 2, 3))  # [T]
+      per_prompt = jnp.mean(jnp.square(readouts - batch.targets), axis=(2, 3))  # [T, batch]
+      per_loop = (jnp.mean(per_prompt, axis=1) if batch.weight is None
+                  else per_prompt @ batch.weight)                            # [T]
       w = jnp.asarray(self.loss_weights(loops), per_loop.dtype)
       return jnp.sum(w * per_loop), {"last_loop_mse": per_loop[-1]}
     return loss
@@ -146,8 +153,8 @@ class LinearFamily(family_lib.Family):
     T = int(self.config.model.loops)
     far = int(self.config.eval.get("extrapolation", EXTRAPOLATION)) * T
     key = jax.random.key(int(self.config.eval.seed))
-    test = self.sample(jax.random.fold_in(key, 0), int(self.config.eval.num_prompts))
-    scan = self.sample(jax.random.fold_in(key, 1), int(self.config.eval.num_prompts))
+    test = tasks.sample(jax.random.fold_in(key, 0), self.task, int(self.config.eval.num_prompts))
+    scan = tasks.sample(jax.random.fold_in(key, 1), self.task, int(self.config.eval.num_prompts))
     eta, _ = construction.best_constant_step(scan.X, scan.Y, scan.X_query, scan.targets, steps=T)
     W_gd = construction.gd_iterates(test.X, test.Y, steps=T, step_size=eta)[-1]
     gd_error = float(jnp.mean(tasks.query_mse(W_gd @ test.X_query, test.targets)))

@@ -110,6 +110,8 @@ class Batch(NamedTuple):
   targets:  [batch, d_out, m]          noiseless query targets W* X_query (the Bayes predictor's
                                        output; label noise would only add σ² to every MSE).
   W_star:   [batch, d_out, d]          the task's weights.
+  weight:   [batch] or None            training batches: each prompt's weight in the loss (sums to
+                                       1; loopicl/linear/tail_sampling.py); None: uniform.
   """
   Z0: jax.Array
   X: jax.Array
@@ -117,6 +119,7 @@ class Batch(NamedTuple):
   X_query: jax.Array
   targets: jax.Array
   W_star: jax.Array
+  weight: jax.Array | None = None
 
 
 def sample(key: jax.Array, task_config, batch_size: int) -> Batch:
@@ -124,18 +127,36 @@ def sample(key: jax.Array, task_config, batch_size: int) -> Batch:
   validate(task_config)
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r} is invalid; allowed: an integer >= 1")
-  c = task_config
-  d, d_out, n, m = int(c.d), int(c.d_out), int(c.n_context), num_queries(c)
-  dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64.
-  # Σ^{1/2} = U diag(√λ) is a trace-time constant: the same Σ for every prompt.
-  sqrt_sigma = jnp.asarray(covariance_basis(c) * np.sqrt(covariance_spectrum(c)), dtype)
   k_w, k_x, k_q, k_eps = jax.random.split(key, 4)
+  return complete((k_w, k_q, k_eps),
+                  task_config, sample_inputs(k_x, task_config, batch_size))
+
+
+def _sqrt_sigma(c, dtype):
+  # Σ^{1/2} = U diag(√λ) is a trace-time constant: the same Σ for every prompt.
+  return jnp.asarray(covariance_basis(c) * np.sqrt(covariance_spectrum(c)), dtype)
+
+
+def sample_inputs(key: jax.Array, task_config, batch_size: int) -> jax.Array:
+  """The context inputs of `batch_size` prompts, x_i ~ N(0, Σ): X [batch, d, n]."""
+  c = task_config
+  dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64.
+  return _sqrt_sigma(c, dtype) @ jax.random.normal(key, (batch_size, int(c.d), int(c.n_context)), dtype)
+
+
+def complete(keys, task_config, X: jax.Array) -> Batch:
+  """The prompts whose context inputs are X [batch, d, n]: draws W*, the queries and the noise
+  from keys = (k_w, k_q, k_eps)."""
+  c = task_config
+  k_w, k_q, k_eps = keys
+  batch_size, d, n = X.shape
+  d_out, m = int(c.d_out), num_queries(c)
+  dtype = X.dtype
   W_star = (c.weight_scale / np.sqrt(d)) * jax.random.normal(k_w, (batch_size, d_out, d), dtype)
-  X = sqrt_sigma @ jax.random.normal(k_x, (batch_size, d, n), dtype)
   if c.kind == "vector_generation":
     X_query = jnp.broadcast_to(jnp.eye(d, dtype=dtype), (batch_size, d, d))
   else:
-    X_query = sqrt_sigma @ jax.random.normal(k_q, (batch_size, d, m), dtype)
+    X_query = _sqrt_sigma(c, dtype) @ jax.random.normal(k_q, (batch_size, d, m), dtype)
   noise = c.noise_std * jax.random.normal(k_eps, (batch_size, d_out, n), dtype)
   Y = W_star @ X + noise
   targets = W_star @ X_query

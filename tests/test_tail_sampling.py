@@ -1,0 +1,107 @@
+"""Tail-holding training batches (loopicl/linear/tail_sampling.py) and the overflow-free clip,
+against numpy float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default
+from loopicl import config as config_lib, train
+from loopicl.errors import ConfigError
+from loopicl.linear import family as family_lib, tail_sampling, tasks
+from tests import numpy_reference
+
+
+def _task(n=15, kappa=10.0, rotate=True):
+  c = default.get_config().task
+  c.n_context, c.condition_number, c.rotate = n, kappa, rotate
+  return c
+
+
+def _whitened_lambda_max_numpy(X, task):
+  lam, u = np.linalg.eigh(tasks.covariance(task))
+  inv_sqrt = (u / np.sqrt(lam)) @ u.T
+  G = inv_sqrt @ np.asarray(X, np.float64)
+  return np.linalg.eigvalsh(G @ np.swapaxes(G, -1, -2) / X.shape[-1])[:, -1]
+
+
+def test_score_is_the_whitened_lambda_max():
+  task = _task()
+  X = tasks.sample(jax.random.key(0), task, 512).X
+  got = np.asarray(tail_sampling.whitened_lambda_max(X, task))
+  ref = _whitened_lambda_max_numpy(X, task)
+  rel = np.abs(got - ref) / ref
+  assert np.median(rel) < 1e-3 and np.all(got <= ref * (1 + 1e-4))  # a Rayleigh quotient: ≤ λ_max
+  top = set(np.argsort(-ref)[:16])
+  assert len(top & set(np.argsort(-got)[:16])) >= 15
+
+
+def test_batch_is_the_pool_top_plus_others_with_weights_summing_to_one():
+  task, B, pool, tail = _task(), 32, 8, 4
+  key = jax.random.key(3)
+  b = tail_sampling.sample(key, task, B, pool, tail)
+  X_pool = np.asarray(tasks.sample_inputs(jax.random.split(key, 4)[0], task, pool * B))
+  score = _whitened_lambda_max_numpy(X_pool, task)
+  rows = [int(np.argmin(np.abs(X_pool - x).sum(axis=(1, 2)))) for x in np.asarray(b.X)]
+  assert len(set(rows)) == B                                  # B distinct candidates
+  assert set(rows[:tail]) == set(np.argsort(-score)[:tail])   # the tail: the pool's top scores
+  assert not set(rows[tail:]) & set(rows[:tail])
+  w = np.asarray(b.weight)
+  np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w[:tail], 1 / (pool * B), rtol=1e-6)
+  # The batch is a real batch of prompts: labels are W* x.
+  np.testing.assert_allclose(np.asarray(b.Y), np.asarray(b.W_star @ b.X), rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_estimate_is_unbiased():
+  """E[Σ_b w_b f(prompt_b)] = E[f] for f = λ_max⁶ (dominated by the tail), within 5 standard errors."""
+  task = _task(kappa=1.0, rotate=False)
+  f = lambda X: _whitened_lambda_max_numpy(X, task) ** 6
+  weighted = [float(f(b.X) @ np.asarray(b.weight, np.float64))
+              for b in (tail_sampling.sample(jax.random.key(i), task, 64, 8, 8) for i in range(200))]
+  uniform = f(tasks.sample(jax.random.key(10**6), task, 200 * 64).X)
+  se = np.hypot(np.std(weighted) / np.sqrt(len(weighted)), np.std(uniform) / np.sqrt(len(uniform)))
+  assert abs(np.mean(weighted) - np.mean(uniform)) < 5 * se
+  assert np.std(weighted) < np.std([np.mean(uniform[i * 64:(i + 1) * 64]) for i in range(200)])
+
+
+def test_training_loss_weights_each_prompt():
+  """The loss of the path runs train with (LinearFamily.make_loss on its own sample) is Σ w ℓ."""
+  cfg = default.get_config()
+  cfg.task.n_context, cfg.model.loops = 15, 3
+  cfg.train.tail_pool, cfg.train.tail_prompts = 4, 4
+  fam = family_lib.LinearFamily(cfg)
+  model = fam.create_model(__import__("flax").nnx.Rngs(0))
+  model.Q[...] = model.Q[...].at[:10, :10].set(0.05 * jnp.eye(10))
+  model.P[...] = model.P[...].at[10:, 10:].set(-1.0)
+  batch = fam.sample(jax.random.key(1), 16)
+  loss, _ = fam.make_loss()(model, batch, 3)
+  P, Q = (np.asarray(v, np.float64) for v in model.weights())
+  out, _ = numpy_reference.looped_transformer_textbook(P, Q, np.asarray(batch.Z0), 3, 1, 1)
+  per_prompt = np.mean((out[-1] - np.asarray(batch.targets, np.float64)) ** 2, axis=(1, 2))
+  assert np.ptp(np.asarray(batch.weight)) > 0  # weights differ: a mean would not pass
+  np.testing.assert_allclose(float(loss), per_prompt @ np.asarray(batch.weight, np.float64), rtol=1e-4)
+
+
+def test_global_norm_does_not_overflow_and_clip_matches_optax():
+  tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[2e20]])}
+  assert np.isfinite(float(train.global_norm(tree)))
+  np.testing.assert_allclose(float(train.global_norm(tree)), np.sqrt(9 + 16 + 4e40), rtol=1e-6)
+  clipped, _ = train.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+  np.testing.assert_allclose(float(clipped["b"][0, 0]), 1.0, rtol=1e-6)
+  small = {"a": jnp.array([0.3, -2.0]), "b": jnp.array([[0.5]])}
+  for limit in (1.0, 10.0):
+    ours, _ = train.clip_by_global_norm(limit).update(small, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(limit).update(small, optax.EmptyState())
+    for k in small:
+      np.testing.assert_allclose(np.asarray(ours[k]), np.asarray(ref[k]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("tail_pool", 0), ("tail_prompts", 128), ("tail_prompts", -1)])
+def test_bad_tail_fields_fail_in_one_line(field, value):
+  cfg = default.get_config()
+  cfg.train[field] = value
+  with pytest.raises(ConfigError, match=f"train.{field}") as e:
+    config_lib.validate(cfg)
+  assert "\n" not in str(e.value)
