@@ -49,28 +49,32 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def global_norm(tree) -> jax.Array:
-  """‖tree‖₂ that does not overflow: scaled by the largest |entry| first.
+  """‖tree‖₂ that does not overflow: optax.tree.norm where that is finite (bit for bit), else the
+  norm scaled by the largest |entry| first.
 
   Why: a prompt the loop blows up gives float32 gradients of ~1e19 — finite, and clipped to an
-  ordinary step — but their plain sum of squares is inf, which would turn a recoverable step
-  into a divergence (the step is rejected as non-finite).
+  ordinary step — but their plain sum of squares is inf, which turned a recoverable step into a
+  divergence (the step is rejected as non-finite).
   """
+  plain = optax.tree.norm(tree)
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
   if not leaves:
-    return jnp.zeros([])
+    return plain
   scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
-  safe = jnp.where(scale > 0, scale, 1.0)
-  total = sum(jnp.sum(jnp.square(x / safe)) for x in leaves)
-  return jnp.where(scale > 0, safe * jnp.sqrt(total), 0.0)
+  safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+  scaled = safe * jnp.sqrt(sum(jnp.sum(jnp.square(x / safe)) for x in leaves))
+  return jnp.where(jnp.isfinite(plain), plain, scaled.astype(plain.dtype))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """optax.clip_by_global_norm with the overflow-free `global_norm` (same empty state)."""
+  """optax.clip_by_global_norm (the same arithmetic and empty state) on the overflow-free
+  `global_norm`."""
   def update_fn(updates, params=None):
     del params
     norm = global_norm(updates)
-    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return jax.tree.map(lambda g: (g * factor).astype(g.dtype), updates)
+    trigger = norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates)
   return optax.stateless(update_fn)
 
 

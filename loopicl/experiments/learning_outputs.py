@@ -8,12 +8,12 @@ and 4T over the error at T, and a verdict — `falls` (4T below half of T), `hol
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 
 import numpy as np
 
+from loopicl.experiments.reproduce import outputs
 from loopicl.linear import family
 
 COLUMNS = ("setting", "d", "n", "n_over_d", "condition_number", "rotate", "loops", "seed",
@@ -102,12 +102,8 @@ def summary_markdown(config, table: list[dict]) -> str:
 
 
 def write_csv(path: str, table: list[dict]) -> None:
-  with open(path + ".tmp", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in table:
-      w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-  os.replace(path + ".tmp", path)
+  """learning.csv at full float precision (the docs' numbers are read from it)."""
+  outputs.write_csv(path, COLUMNS, table, float_format=repr)
 
 
 def figure(points: dict):

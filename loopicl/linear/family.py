@@ -129,9 +129,11 @@ class LinearFamily(family_lib.Family):
 
     def loss(model, batch: tasks.Batch, loops: int):
       readouts = model(batch.Z0, loops=loops, n_queries=self.n_queries, kernel=kernel)
-      per_prompt = jnp.mean(jnp.square(readouts - batch.targets), axis=(2, 3))  # [T, batch]
-      per_loop = (jnp.mean(per_prompt, axis=1) if batch.weight is None
-                  else per_prompt @ batch.weight)                            # [T]
+      sq = jnp.square(readouts - batch.targets)                       # [T, batch, d_out, m]
+      if batch.weight is None:
+        per_loop = jnp.mean(sq, axis=(1, 2, 3))                         # [T]
+      else:  # tail-holding batch: Σ_b w_b · MSE_b (train.tail_pool)
+        per_loop = jnp.mean(sq, axis=(2, 3)) @ batch.weight
       w = jnp.asarray(self.loss_weights(loops), per_loop.dtype)
       return jnp.sum(w * per_loop), {"last_loop_mse": per_loop[-1]}
     return loss

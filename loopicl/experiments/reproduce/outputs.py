@@ -135,14 +135,14 @@ def weight_rows_from_points(config, data: dict) -> list[dict]:
                                      r["trained_loops"], r["seed"]))
 
 
-def write_csv(path: str, columns, rows) -> None:
-  """Writes rows (dicts) atomically, floats to 6 significant digits."""
+def write_csv(path: str, columns, rows, float_format=lambda v: f"{v:.6g}") -> None:
+  """Writes rows (dicts) atomically, floats by float_format (6 significant digits; `repr`: all)."""
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     for r in rows:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+      writer.writerow({k: (float_format(v) if isinstance(v, float) else v) for k, v in r.items()})
   os.replace(tmp, path)
 
 
