@@ -95,12 +95,9 @@ def _baselines(task, test, loops: int, read: np.ndarray) -> dict:
   themselves, at every read loop: {"gd"|"pgd": {"step", "error" [L], "error_median" [L]}}
   (closed form, float64)."""
   kind = step_rules.error_kind(task.kind)
-  tgt = test.W_star if kind == "relative" else test.targets
-  S = step_rules.whitening(task)
   out = {}
-  for name, key in (("gd", "gd"), ("pgd", "pgd")):
-    sp = spectral.decompose(test.X, test.Y, test.X_query, tgt, kind=kind,
-                            whitening=None if key == "gd" else S)
+  for name in ("gd", "pgd"):
+    sp = _spectral(task, test, name)
     rule, _, _ = spectral.tune_constant_step(sp, [loops], kind=kind, shoulder=None)
     err = np.asarray(spectral.errors(sp, float(rule[0]), read, kind=kind, max_loops=int(read[-1])))
     dist = stats.prompt_distribution(err, 0.0)
@@ -146,12 +143,15 @@ def tail_report(config, workdir: str) -> list[str]:
   """Which prompts decide each finished seed's mean at T: one line per (setting, seed) with the
   number of held-out prompts that carry 90% of the mean, the mean and median, how many prompts
   have a spectral radius of I − Σ̂Â above 1 (outside the loop's stability region: their error
-  grows with t), and the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner (float64)."""
+  grows with t), and the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner (float64);
+  then GD's and PGD's mean on the seed's prompts at the step tuned on VALIDATION_PROMPTS other
+  prompts, against the table's hindsight step: how much of an oracle the baseline is."""
   lines = []
   for pid, data in load_points(config, workdir).items():
     p = data["setting"]
     task, T = experiment_config(config, p).task, p["loops"]
     with jax.enable_x64(True):
+      steps = _validated_steps(config, task, T)
       for seed, rec in data["seeds"].items():
         test, _ = compute.eval_prompts(task, config.grid.eval_seed, int(seed), int(config.grid.eval_prompts))
         P, Q = jnp.asarray(rec["P"]), jnp.asarray(rec["Q"])
@@ -168,7 +168,36 @@ def tail_report(config, workdir: str) -> list[str]:
                      f"{np.mean(err):.3g} (median {np.median(err):.3g}); {int(np.sum(radius > 1))} "
                      f"with spectral radius of I − Σ̂Â > 1; ||Â − Âᵀ||/||Â|| = "
                      f"{np.linalg.norm(A - A.T) / np.linalg.norm(A):.2f}")
+        for name, step in steps.items():  # is the hindsight step an oracle? (no: within a few %)
+          sp = _spectral(task, test, name)
+          mean = float(np.mean(np.asarray(spectral.errors(sp, step, np.array([T]),
+                                                          kind=step_rules.error_kind(task.kind)))))
+          base = rec["baselines"][name]
+          lines.append(f"{pid} seed {seed}: {name} with the step tuned on {VALIDATION_PROMPTS} "
+                       f"other prompts ({step:.3g}): mean {mean:.3g}, "
+                       f"{mean / base['error'][T - 1]:.3f}x the hindsight step's ({base['step']:.3g})")
   return lines
+
+
+VALIDATION_PROMPTS = 65536  # prompts the --tails report tunes GD's / PGD's step on (no test prompt)
+
+
+def _spectral(task, batch, name):
+  kind = step_rules.error_kind(task.kind)
+  tgt = batch.W_star if kind == "relative" else batch.targets
+  return spectral.decompose(batch.X, batch.Y, batch.X_query, tgt, kind=kind,
+                            whitening=None if name == "gd" else step_rules.whitening(task))
+
+
+def _validated_steps(config, task, T: int) -> dict:
+  """GD's and PGD's constant step that minimises the mean at T over VALIDATION_PROMPTS prompts
+  drawn apart from every seed's held-out ones: {"gd"|"pgd": step}.  Call under x64."""
+  key = jax.random.fold_in(jax.random.key(int(config.grid.eval_seed)), 10**6)
+  batch = tasks.sample(key, task, VALIDATION_PROMPTS)
+  kind = step_rules.error_kind(task.kind)
+  return {name: float(spectral.tune_constant_step(_spectral(task, batch, name), [T], kind=kind,
+                                                  shoulder=None)[0][0])
+          for name in ("gd", "pgd")}
 
 
 def _path(workdir, p):
