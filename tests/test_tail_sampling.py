@@ -108,3 +108,18 @@ def test_bad_tail_fields_fail_in_one_line(field, value):
   with pytest.raises(ConfigError, match=f"train.{field}") as e:
     config_lib.validate(cfg)
   assert "\n" not in str(e.value)
+
+
+def test_a_run_trains_on_tail_holding_batches(tmp_path):
+  """The path users run (train_and_evaluate, the jitted scan of steps) with tail_pool > 1: it
+  trains, learns, and its batches differ from the uniform run's (the parameters do too)."""
+  from tests.test_train import _final_params, _metrics_lines, _run, tiny_config
+  _run(tiny_config(), tmp_path / "uniform")
+  tail = _run(tiny_config(**{"train.tail_pool": 4, "train.tail_prompts": 4}), tmp_path / "tail")
+  step_u, p_u = _final_params(tmp_path / "uniform")
+  step_t, p_t = _final_params(tmp_path / "tail")
+  assert step_u == step_t == tail["step"] == 60
+  assert all(np.all(np.isfinite(v)) for v in p_t.values())
+  assert not np.allclose(p_u["Q"], p_t["Q"])
+  lines = [__import__("json").loads(l) for l in _metrics_lines(tmp_path / "tail")]
+  assert lines[-1]["test_error"] < lines[0]["test_error"]  # it learns
