@@ -3,9 +3,12 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from tests.test_train import ROOT
 
 
+@pytest.mark.slow  # ~45 s, the default suite's heaviest test (532-636 s idle this session; budget 600)
 def test_device_check_reduced_form_runs_and_summarizes(tmp_path):
   out = tmp_path / "check"
   proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), "--cpu",
