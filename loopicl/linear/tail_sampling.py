@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl.linear import tasks
+from loopicl.linear import baselines, tasks
 
 
 POWER_ITERATIONS = 16
@@ -33,8 +33,7 @@ def whitened_lambda_max(X: jax.Array, task_config) -> jax.Array:
   CPU, 15x the whole uniform batch; the Rayleigh quotient after 16 power iterations ranks the
   pool as well (it can only under-estimate λ_max, by ~(λ₂/λ₁)^32 relative).
   """
-  u, lam = tasks.covariance_basis(task_config), tasks.covariance_spectrum(task_config)
-  inv_sqrt = jnp.asarray((u / np.sqrt(lam)) @ u.T, X.dtype)  # Σ^{-1/2}: a trace-time constant
+  inv_sqrt = jnp.asarray(baselines.sqrt_inverse_covariance(task_config), X.dtype)  # trace-time
   G = inv_sqrt @ X
   S = G @ jnp.swapaxes(G, -1, -2) / X.shape[-1]                       # [batch, d, d]
   # Start at S's column of largest norm: with S e_j = Σ_i λ_i u_ij u_i its component on the top
