@@ -60,13 +60,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Σ⁻¹ at κ_Σ = 100 needs the 11 000: 1.0× PGD there against 4.7× with 2000; docs/learning.md).
   config.train.steps = loops * every + ((kappa ** 0.5) * 1000.0).to_int() + 1000
   config.train.batch_size = 128     # prompts per step
-  config.train.optimizer = "adam"   # adam | adamw | sgd
+  config.train.optimizer = "adam"   # adam | adamw | sgd | soap (Adam in Shampoo's eigenbasis, loopicl/soap.py)
   config.train.learning_rate = 1e-2  # peak learning rate (2e-3 ends 4x above PGD at κ_Σ = 10: too slow)
   config.train.schedule = "cosine"  # constant | cosine (decay to 0 after warm-up)
   config.train.warmup_steps = 300   # linear warm-up from 0 (shorter warm-ups blow up on some seeds)
   config.train.grad_clip = 1.0      # global-norm clipping (0: off)
   config.train.weight_decay = 0.0   # adamw only
   config.train.momentum = 0.9       # sgd only
+  config.train.shampoo_decay = 0.99  # soap only: EMA decay of the factors GGᵀ, GᵀG
+  config.train.precondition_every = 10  # soap only: recompute their eigenbases every this many steps
   config.train.loss_loops = 1       # average the MSE over the last k loops (1: last loop only)
   config.train.loss_normalization = "none"  # none | gd: divide each loop's MSE by GD's at that loop
   config.train.curriculum_start = 1  # loop curriculum: start at this many loops (0: off) …

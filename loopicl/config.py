@@ -21,7 +21,7 @@ import ml_collections
 from loopicl import family as family_lib
 from loopicl.errors import ConfigError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "soap")
 SCHEDULES = ("constant", "cosine")
 LOSS_NORMALIZATIONS = ("none", "gd")
 
@@ -31,6 +31,7 @@ GENERIC_FIELDS = {
               "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
               "loss_normalization", "curriculum_start", "curriculum_every",
               "curriculum_increment", "construction_steps", "tail_pool", "tail_prompts",
+              "shampoo_decay", "precondition_every",
               "steps_per_call", "log_every"},
     "eval": {"every", "num_prompts", "seed", "extrapolation"},
     "checkpoint": {"every", "keep"},
@@ -179,6 +180,12 @@ def _validate_train(cfg) -> None:
     if cfg.train.tail_prompts >= cfg.train.batch_size:
       fail("train.tail_prompts", cfg.train.tail_prompts,
            f"an integer in [0, train.batch_size={cfg.train.batch_size})")
+  if "shampoo_decay" in cfg.train:  # soap only; optional, like construction_steps
+    field_real(cfg, "train", "shampoo_decay", 0.0)
+    if cfg.train.shampoo_decay >= 1:
+      fail("train.shampoo_decay", cfg.train.shampoo_decay, "a number in [0, 1)")
+  if "precondition_every" in cfg.train:
+    field_int(cfg, "train", "precondition_every")
   field_int(cfg, "train", "steps_per_call")
   field_int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:

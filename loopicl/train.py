@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from loopicl import checkpointing, config as config_lib, family as family_lib, run as run_lib, runlog
+from loopicl import checkpointing, config as config_lib, family as family_lib, run as run_lib, runlog, soap
 from loopicl.errors import RunError
 
 # -- optimizer ------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def make_optimizer(train_config, extra: optax.GradientTransformation | None = None
                    ) -> optax.GradientTransformation:
-  """clip → Adam/AdamW/SGD with the schedule (→ the family's `optimizer_extra()`, if any)."""
+  """clip → Adam/AdamW/SGD/SOAP with the schedule (→ the family's `optimizer_extra()`, if any)."""
   t = train_config
   schedule = learning_rate_schedule(t)
   # Clipping is always in the chain (inf when off) so the optimizer state has one structure.
@@ -89,6 +89,13 @@ def make_optimizer(train_config, extra: optax.GradientTransformation | None = No
     opt = optax.adam(schedule)
   elif t.optimizer == "adamw":
     opt = optax.adamw(schedule, weight_decay=t.weight_decay)
+  elif t.optimizer == "soap":
+    opt = soap.soap(schedule, shampoo_decay=float(t.get("shampoo_decay", 0.99)),
+                    precondition_every=int(t.get("precondition_every", 10)))
+    if extra is not None:
+      # SOAP's factors GGᵀ, GᵀG mix a matrix's entries: a frozen block's gradient would steer
+      # the basis of the learned ones, so the family's mask also acts on the gradient first.
+      opt = optax.chain(extra, opt)
   else:
     opt = optax.sgd(schedule, momentum=float(t.momentum))
   if extra is None:  # the optimizer state keeps its older structure
