@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
                                     # λ_max(Σ̂), weighted to their true share (unbiased; linear family,
                                     # loopicl/linear/tail_sampling.py).  1 / 0: uniform batches.  8 / 16
                                     # at n/d = 1.5, T = 20 did not stop divergence (docs/learning.md)
+  config.train.nonfinite_skips = 0  # skip up to this many non-finite steps in a row (state unchanged,
+                                    # next batch) before the run stops with its last good state
   config.train.steps_per_call = 50  # optimizer steps per jitted call (lax.scan): amortises dispatch
   config.train.log_every = 100      # train scalars to TensorBoard every this many steps
 

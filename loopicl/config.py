@@ -31,7 +31,7 @@ GENERIC_FIELDS = {
               "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
               "loss_normalization", "curriculum_start", "curriculum_every",
               "curriculum_increment", "construction_steps", "tail_pool", "tail_prompts",
-              "shampoo_decay", "precondition_every",
+              "shampoo_decay", "precondition_every", "nonfinite_skips",
               "steps_per_call", "log_every"},
     "eval": {"every", "num_prompts", "seed", "extrapolation"},
     "checkpoint": {"every", "keep"},
@@ -186,6 +186,8 @@ def _validate_train(cfg) -> None:
       fail("train.shampoo_decay", cfg.train.shampoo_decay, "a number in [0, 1)")
   if "precondition_every" in cfg.train:
     field_int(cfg, "train", "precondition_every")
+  if "nonfinite_skips" in cfg.train:  # optional, like construction_steps
+    field_int(cfg, "train", "nonfinite_skips", 0)
   field_int(cfg, "train", "steps_per_call")
   field_int(cfg, "train", "curriculum_start", 0)
   if cfg.train.curriculum_start > cfg.model.loops:

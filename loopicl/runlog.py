@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from loopicl import jsonfile
+from loopicl import jsonfile, stats
 
 
 class RunLog:
@@ -96,9 +96,10 @@ class RunLog:
 
   def train_chunk(self, step: int, metrics: dict, *, learning_rate: float, steps_per_s: float,
                   loops: int) -> None:
-    """A chunk's train scalars (means over its steps): loss, grad_norm, the family's aux metrics."""
-    self.scalars(step, {"loss": float(metrics["loss"].mean()),
-                        "grad_norm": float(metrics["grad_norm"].mean()),
+    """A chunk's train scalars (means over its steps): loss, grad_norm, the family's aux metrics,
+    `skipped` (the share of non-finite steps skipped); loss and grad_norm over the finite steps."""
+    self.scalars(step, {"loss": float(stats.finite_mean(metrics["loss"])[0]),
+                        "grad_norm": float(stats.finite_mean(metrics["grad_norm"])[0]),
                         "learning_rate": learning_rate, "steps_per_s": steps_per_s,
                         "loops": loops}, prefix="train/")
     self.scalars(step, {k: float(v.mean()) for k, v in metrics.items()
@@ -109,7 +110,8 @@ class RunLog:
     train metrics, [steps] arrays) averaged in as train_loss and train_<aux>.  Returns it."""
     metrics = dict(metrics, step=step)
     for name, values in recent.items():
-      metrics[f"train_{name}" if name != "loss" else "train_loss"] = float(np.mean(values))
+      name = f"train_{name}" if name != "loss" else "train_loss"
+      metrics[name] = float(stats.finite_mean(np.asarray(values, np.float64))[0])
     if not recent:
       metrics["train_loss"] = float("nan")
     self.write_metrics(metrics)

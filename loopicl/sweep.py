@@ -78,7 +78,8 @@ def make_sweep_chunk(family, model_def, tx, batch_size: int, loops: int, mesh: M
 
   @functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,), out_shardings=split)
   def chunk(states, bad, first_step, length):
-    run = lambda state, b: train.scan_steps(step_fn, state, first_step, length, bad=b)
+    skips = int(family.config.train.get("nonfinite_skips", 0))
+    run = lambda state, b: train.scan_steps(step_fn, state, first_step, length, bad=b, max_skips=skips)
     return jax.vmap(run)(states, bad)
 
   return chunk

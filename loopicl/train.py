@@ -146,25 +146,31 @@ def make_train_step(family, model_def: ModelDef, tx, batch_size: int, loops: int
   return step_fn
 
 
-def scan_steps(step_fn, state, first_step, length: int, bad=None):
+def scan_steps(step_fn, state, first_step, length: int, bad=None, max_skips: int = 0):
   """Runs `length` steps from `first_step` in one lax.scan: (state, first_bad_step, metrics).
 
-  A step whose loss or gradient is not finite leaves the state unchanged, and so do all later
-  steps of the scan; first_bad_step is that step (−1 if none), so the host can stop cleanly
-  with the last good state.  `bad` carries the flag in from earlier scans (a sweep keeps a
-  diverged seed frozen across chunks); None means −1.
+  A step whose loss or gradient is not finite leaves the state unchanged (metrics["skipped"]
+  = 1).  Up to `max_skips` such steps in a row (`train.nonfinite_skips`) are skipped and
+  training goes on with the next batch; the one after that marks the run bad: it and all later
+  steps of the scan leave the state unchanged and first_bad_step is that step (−1 if none), so
+  the host can stop cleanly with the last good state.  `bad` carries the flag in from earlier
+  scans (a sweep keeps a diverged seed frozen across chunks); None means −1.  The streak
+  restarts at each scan (a chunk of `train.steps_per_call` steps or fewer).
   """
   def body(carry, step):
-    state, bad = carry
+    state, bad, streak = carry
     new_state, metrics = step_fn(state, step)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & (bad < 0)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    ok = finite & (bad < 0)
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-    bad = jnp.where((bad < 0) & ~ok, step, bad)
-    return (state, bad), metrics
+    streak = jnp.where(finite, 0, streak + 1)
+    bad = jnp.where((bad < 0) & (streak > max_skips), step, bad)
+    metrics = dict(metrics, skipped=(~ok).astype(jnp.float32))
+    return (state, bad, streak), metrics
 
   steps = first_step + jnp.arange(length, dtype=jnp.int32)
   bad = jnp.int32(-1) if bad is None else bad
-  (state, bad), metrics = jax.lax.scan(body, (state, bad), steps)
+  (state, bad, _), metrics = jax.lax.scan(body, (state, bad, jnp.int32(0)), steps)
   return state, bad, metrics
 
 
@@ -186,7 +192,8 @@ def make_train_chunk(family, model_def: ModelDef, tx, batch_size: int, loops: in
 
   @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,), out_shardings=out_shardings)
   def jitted(state, first_step, length):
-    return scan_steps(step_fn, state, first_step, length)
+    return scan_steps(step_fn, state, first_step, length,
+                      max_skips=int(family.config.train.get("nonfinite_skips", 0)))
 
   def chunk(state, first_step, length):
     return distributed.block(jitted(state, first_step, length))

@@ -286,6 +286,37 @@ def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
   assert bad.tolist() == [-1, 3]
 
 
+def test_nonfinite_steps_are_skipped_up_to_the_allowed_streak():
+  """train.nonfinite_skips = k: a non-finite step leaves the state as it was and the next batch
+  trains; k + 1 in a row stop the run at that step (k = 0: the first one, as before)."""
+  nonfinite = jnp.array([3, 6, 7])  # step 3 alone, then 6 and 7 in a row
+
+  def step_fn(state, step):
+    x = state["x"] * 1.5 + 1.0
+    loss = jnp.where(jnp.any(step == nonfinite), jnp.inf, x)
+    return {"x": x}, {"loss": loss, "grad_norm": jnp.float32(0.0)}
+
+  def run(max_skips, length=10):
+    state, bad, metrics = jax.jit(lambda s: train.scan_steps(step_fn, s, jnp.int32(0), length,
+                                                             max_skips=max_skips))({"x": jnp.zeros(())})
+    return float(state["x"]), int(bad), np.asarray(metrics["skipped"])
+
+  def numpy_x(steps):
+    x = 0.0
+    for _ in steps:
+      x = x * 1.5 + 1.0
+    return x
+
+  x, bad, skipped = run(0)
+  assert bad == 3 and x == pytest.approx(numpy_x(range(3)))  # stops at the first, as before
+  x, bad, skipped = run(1)  # 3 skipped, 6 skipped, 7 is the second in a row: stop there
+  assert bad == 7 and x == pytest.approx(numpy_x([0, 1, 2, 4, 5]))
+  assert skipped[:8].tolist() == [0, 0, 0, 1, 0, 0, 1, 1]
+  x, bad, skipped = run(2)  # every non-finite step skipped, the other 7 train
+  assert bad == -1 and x == pytest.approx(numpy_x([0, 1, 2, 4, 5, 8, 9]))
+  assert skipped.tolist() == [0, 0, 0, 1, 0, 0, 1, 1, 0, 0]
+
+
 def test_script_bad_config_is_one_line_exit_2(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"),
