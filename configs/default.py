@@ -64,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.learning_rate = 1e-2  # peak learning rate (2e-3 ends 4x above PGD at κ_Σ = 10: too slow)
   config.train.schedule = "cosine"  # constant | cosine (decay to 0 after warm-up)
   config.train.warmup_steps = 300   # linear warm-up from 0 (shorter warm-ups blow up on some seeds)
+  config.train.adam_b2 = 0.999      # adam / adamw / soap: decay of the second moment v
+  config.train.adam_eps = 1e-8       # adam / adamw / soap: ε of the denominator √v + ε
   config.train.grad_clip = 1.0      # global-norm clipping (0: off)
   config.train.weight_decay = 0.0   # adamw only
   config.train.momentum = 0.9       # sgd only

@@ -31,7 +31,8 @@ GENERIC_FIELDS = {
               "warmup_steps", "grad_clip", "weight_decay", "momentum", "loss_loops",
               "loss_normalization", "curriculum_start", "curriculum_every",
               "curriculum_increment", "construction_steps", "tail_pool", "tail_prompts",
-              "shampoo_decay", "precondition_every", "nonfinite_skips",
+              "shampoo_decay", "precondition_every", "nonfinite_skips", "adam_eps",
+              "adam_b2",
               "steps_per_call", "log_every"},
     "eval": {"every", "num_prompts", "seed", "extrapolation"},
     "checkpoint": {"every", "keep"},
@@ -186,6 +187,12 @@ def _validate_train(cfg) -> None:
       fail("train.shampoo_decay", cfg.train.shampoo_decay, "a number in [0, 1)")
   if "precondition_every" in cfg.train:
     field_int(cfg, "train", "precondition_every")
+  if "adam_eps" in cfg.train:  # optional, like construction_steps
+    field_real(cfg, "train", "adam_eps", 0.0, strict=True)
+  if "adam_b2" in cfg.train:
+    field_real(cfg, "train", "adam_b2", 0.0)
+    if cfg.train.adam_b2 >= 1:
+      fail("train.adam_b2", cfg.train.adam_b2, "a number in [0, 1)")
   if "nonfinite_skips" in cfg.train:  # optional, like construction_steps
     field_int(cfg, "train", "nonfinite_skips", 0)
   field_int(cfg, "train", "steps_per_call")

@@ -85,12 +85,13 @@ def make_optimizer(train_config, extra: optax.GradientTransformation | None = No
   schedule = learning_rate_schedule(t)
   # Clipping is always in the chain (inf when off) so the optimizer state has one structure.
   clip = clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
+  eps, b2 = float(t.get("adam_eps", 1e-8)), float(t.get("adam_b2", 0.999))
   if t.optimizer == "adam":
-    opt = optax.adam(schedule)
+    opt = optax.adam(schedule, b2=b2, eps=eps)
   elif t.optimizer == "adamw":
-    opt = optax.adamw(schedule, weight_decay=t.weight_decay)
+    opt = optax.adamw(schedule, b2=b2, eps=eps, weight_decay=t.weight_decay)
   elif t.optimizer == "soap":
-    opt = soap.soap(schedule, shampoo_decay=float(t.get("shampoo_decay", 0.99)),
+    opt = soap.soap(schedule, b2=b2, eps=eps, shampoo_decay=float(t.get("shampoo_decay", 0.99)),
                     precondition_every=int(t.get("precondition_every", 10)))
     if extra is not None:
       # SOAP's factors GGᵀ, GᵀG mix a matrix's entries: a frozen block's gradient would steer
