@@ -49,6 +49,8 @@ def get_config():
   config.train.loss_loops = 1
   config.train.curriculum_start = 0
   config.train.construction_steps = 0       # no GD construction in this family
+  config.train.tail_pool = 1                # tail-holding batches exist for the linear family only
+  config.train.tail_prompts = 0
   config.eval.every = 50                    # dense enough to see the 0-1 loss fall on a log axis
   config.eval.num_prompts = 4096
   config.checkpoint.every = 1000

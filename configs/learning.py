@@ -4,7 +4,7 @@ Every setting trains `configs/default.py` as it is — random init, only the tas
 `model.loops` changed — with 4 seeds in one vmapped program, and reads each seed at loops
 1 … 4T on its own 2048 held-out prompts beside GD with one constant step and preconditioned GD
 with c·Σ⁻¹ (both inside the model class), each with the step that is best for the mean at T over
-65 536 other prompts (and, for reference, with the step best on the held-out prompts themselves:
+32 768 other prompts (and, for reference, with the step best on the held-out prompts themselves:
 an oracle in hindsight).
 The settings cover the issue-17 list: d ≤ 20, n/d from 1.5 to 8, κ_Σ ∈ {1, 10, 100}, Σ
 axis-aligned or rotated, T ≤ 20.
@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grid.seeds = (0, 1, 2, 3)
   config.grid.eval_prompts = 2048     # held-out prompts per seed
   config.grid.eval_seed = 1234        # seed of the held-out and tuning prompts
-  config.grid.tune_prompts = 65536    # prompts GD's / PGD's step is tuned on (none of them held out)
+  config.grid.tune_prompts = 32768    # prompts GD's / PGD's step is tuned on (none of them held out)
   config.grid.extrapolation = 4       # read every seed at loops 1 … 4T
   config.grid.target = 1.1            # trained ≤ target × min(GD, PGD), mean and median
   config.grid.cpu_devices = 0         # one device: the fused CPU kernel trains the seeds

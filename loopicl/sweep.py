@@ -89,7 +89,9 @@ class SweepResult(NamedTuple):
   """What `train_seeds` returns (host numpy arrays).
 
   params:       the parameter pure-dict, each leaf [K, ...] (the last good state of each seed).
-  diverged_at:  [K] int64, the first step with a non-finite loss/gradient, −1 if none.
+  diverged_at:  [K] int64, the step that stopped a seed (more than `train.nonfinite_skips`
+                non-finite steps in a row), −1 if none.
+  skipped:      [K] int64, non-finite steps skipped (state unchanged) before any stop.
   final_loss:   [K] mean training loss of each seed over its last chunk (NaN-free only if alive).
   loss_curve:   [K, chunks] mean training loss per chunk.
   model_def:    train.ModelDef: model_def.merge(params of one seed) is that seed's model.
@@ -97,6 +99,7 @@ class SweepResult(NamedTuple):
   """
   params: dict
   diverged_at: np.ndarray
+  skipped: np.ndarray
   final_loss: np.ndarray
   loss_curve: np.ndarray
   model_def: object
@@ -120,6 +123,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
   mesh = seed_mesh(len(seeds))
   states, bad = place_seeds((states, jnp.full((len(seeds),), -1, jnp.int32)), mesh)
   chunks, curve = {}, []
+  skipped = np.zeros(len(seeds), np.int64)
   start = last_log = time.time()
   plan = train.chunk_plan(config)
   for i, (first, length, loops) in enumerate(plan):
@@ -129,6 +133,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
                                                int(config.train.batch_size), loops, mesh)
     states, bad, metrics = chunk(states, bad, jnp.int32(first), length)
     curve.append(stats.finite_mean(np.asarray(metrics["loss"], np.float64))[0])  # [K]
+    skipped += np.asarray(metrics["skipped"]).sum(axis=1).astype(np.int64)
     if log is not None and time.time() - last_log > log_every_s:
       last_log = time.time()
       alive = int(np.sum(np.asarray(bad) < 0))
@@ -139,7 +144,7 @@ def train_seeds(config, seeds, *, log: Callable[[str], None] | None = None,
           f"{last_log - start:.0f} s")
   params = jax.device_get(states["params"])
   curve = np.stack(curve, axis=1) if curve else np.zeros((len(seeds), 0))
-  return SweepResult(params=params, diverged_at=np.asarray(bad, np.int64),
+  return SweepResult(params=params, diverged_at=np.asarray(bad, np.int64), skipped=skipped,
                      final_loss=curve[:, -1] if curve.size else np.full(len(seeds), np.nan),
                      loss_curve=curve, model_def=model_def, wall_s=time.time() - start)
 

@@ -150,9 +150,8 @@ def make_train_step(family, model_def: ModelDef, tx, batch_size: int, loops: int
 def scan_steps(step_fn, state, first_step, length: int, bad=None, max_skips: int = 0):
   """Runs `length` steps from `first_step` in one lax.scan: (state, first_bad_step, metrics).
 
-  A step whose loss or gradient is not finite leaves the state unchanged (metrics["skipped"]
-  = 1).  Up to `max_skips` such steps in a row (`train.nonfinite_skips`) are skipped and
-  training goes on with the next batch; the one after that marks the run bad: it and all later
+  A step whose loss or gradient is not finite leaves the state unchanged.  Up to `max_skips` such steps in a row (`train.nonfinite_skips`) are skipped and
+  training goes on with the next batch (metrics["skipped"] = 1); the one after that marks the run bad: it and all later
   steps of the scan leave the state unchanged and first_bad_step is that step (−1 if none), so
   the host can stop cleanly with the last good state.  `bad` carries the flag in from earlier
   scans (a sweep keeps a diverged seed frozen across chunks); None means −1.  The streak
@@ -162,11 +161,14 @@ def scan_steps(step_fn, state, first_step, length: int, bad=None, max_skips: int
     state, bad, streak = carry
     new_state, metrics = step_fn(state, step)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    ok = finite & (bad < 0)
-    state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    alive = bad < 0
     streak = jnp.where(finite, 0, streak + 1)
-    bad = jnp.where((bad < 0) & (streak > max_skips), step, bad)
-    metrics = dict(metrics, skipped=(~ok).astype(jnp.float32))
+    stop = alive & (streak > max_skips)
+    ok = finite & alive
+    state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+    bad = jnp.where(stop, step, bad)
+    # skipped: a non-finite step the run survives (not the one that stops it, nor a stopped run's)
+    metrics = dict(metrics, skipped=(alive & ~finite & ~stop).astype(jnp.float32))
     return (state, bad, streak), metrics
 
   steps = first_step + jnp.arange(length, dtype=jnp.int32)

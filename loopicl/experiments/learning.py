@@ -6,7 +6,7 @@ default, `configs/default.py`: random init) trains every seed in one vmapped pro
 loop 1 … `grid.extrapolation`·T.  Beside it, on the same prompts, the two algorithms the model
 class contains and a trained model must reach: GD with one constant step η and preconditioned
 GD with A = c·Σ⁻¹.  Their step is the one that minimises the mean error at T over
-`grid.tune_prompts` (65 536) prompts drawn apart from every test prompt — the best constant step
+`grid.tune_prompts` (32 768) prompts drawn apart from every test prompt — the best constant step
 for the population, validated on the test prompts like the trained model (`"gd"`, `"pgd"`: the
 target).  Also stored: the step best *on the test prompts themselves* (`"gd_hindsight"`,
 `"pgd_hindsight"`), an oracle no rule chosen elsewhere can beat — at T = 20 it sits at the edge of
@@ -139,6 +139,7 @@ def run_setting(config, p: dict, log: Callable[[str], None]) -> dict:
           "error": dist["error"].tolist(), "error_median": dist["error_median"].tolist(),
           "nonfinite": dist["nonfinite"].tolist(), "error_at_zero": float(np.mean(np.asarray(zero))),
           "diverged_at_step": int(result.diverged_at[k]),
+          "skipped_steps": int(result.skipped[k]),
           "final_train_loss": float(result.final_loss[k]),
           "P": np.asarray(P).tolist(), "Q": np.asarray(Q).tolist(),
           "offblock_fraction": float(weights.offblock_fraction(P, Q, int(task.d_out))),

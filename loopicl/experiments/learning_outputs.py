@@ -21,6 +21,7 @@ COLUMNS = ("setting", "d", "n", "n_over_d", "condition_number", "rotate", "loops
            "trained_mean", "trained_median", "gd_mean", "gd_median", "pgd_mean", "pgd_median",
            "ratio_mean", "ratio_median", "gd_step", "pgd_scale", "gd_mean_hindsight",
            "pgd_mean_hindsight", "ratio_mean_hindsight", "ratio_median_hindsight", "diverged_at_step",
+           "skipped_steps",
            "nonfinite_at_T", "mean_2T_over_T", "mean_4T_over_T", "median_4T_over_T",
            "extrapolation", "offblock_fraction", "precond_cos_sigma_inv", "train_wall_s")
 
@@ -55,7 +56,8 @@ def rows(points: dict) -> list[dict]:
           "pgd_mean_hindsight": b["pgd_hindsight"]["error"][T - 1],
           "ratio_mean_hindsight": _ratio(mean[T - 1], best("error", "_hindsight")),
           "ratio_median_hindsight": _ratio(med[T - 1], best("error_median", "_hindsight")),
-          "diverged_at_step": s["diverged_at_step"], "nonfinite_at_T": s["nonfinite"][T - 1],
+          "diverged_at_step": s["diverged_at_step"], "skipped_steps": s.get("skipped_steps", 0),
+          "nonfinite_at_T": s["nonfinite"][T - 1],
           "mean_2T_over_T": _ratio(mean[min(2 * T, L) - 1], mean[T - 1]),
           "mean_4T_over_T": _ratio(mean[L - 1], mean[T - 1]),
           "median_4T_over_T": _ratio(med[L - 1], med[T - 1]),
@@ -86,7 +88,7 @@ def summary_markdown(config, table: list[dict]) -> str:
            f"{config.grid.extrapolation}T over T.", "",
            "| setting | T | trained mean | GD mean | PGD mean | ratio mean (worst) | trained median | "
            "GD median | PGD median | ratio median (worst) | seeds ≤ target | hindsight: ratio mean, "
-           "median (worst); seeds ≤ target | diverged | 4T/T mean (median) | extrapolation | train s |",
+           "median (worst); seeds ≤ target | diverged (skipped steps) | 4T/T mean (median) | extrapolation | train s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   by_setting: dict[str, list[dict]] = {}
   for r in table:
@@ -97,6 +99,7 @@ def summary_markdown(config, table: list[dict]) -> str:
     ok_h = sum(r["ratio_mean_hindsight"] <= target and r["ratio_median_hindsight"] <= target for r in rs)
     worst = lambda k: _fmt(max(r[k] for r in rs))
     diverged = sum(r["diverged_at_step"] >= 0 for r in rs)
+    skips = sum(r["skipped_steps"] for r in rs)
     verdicts = sorted({r["extrapolation"] for r in rs})
     lines.append(
         f"| {pid} | {rs[0]['loops']} | {_fmt(med('trained_mean'))} | {_fmt(med('gd_mean'))} | "
@@ -104,7 +107,7 @@ def summary_markdown(config, table: list[dict]) -> str:
         f"{_fmt(med('trained_median'))} | {_fmt(med('gd_median'))} | {_fmt(med('pgd_median'))} | "
         f"{_fmt(max(r['ratio_median'] for r in rs))} | {ok}/{len(rs)} | "
         f"{worst('ratio_mean_hindsight')}, {worst('ratio_median_hindsight')}; {ok_h}/{len(rs)} | "
-        f"{diverged}/{len(rs)} | "
+        f"{diverged}/{len(rs)} ({skips}) | "
         f"{_fmt(med('mean_4T_over_T'))} ({_fmt(med('median_4T_over_T'))}) | "
         f"{', '.join(verdicts)} | {rs[0]['train_wall_s']:.0f} |")
   lines += ["", "Errors are medians over seeds of each seed's mean (or median) over prompts; "
