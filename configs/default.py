@@ -1,12 +1,13 @@
 """Default experiment: learn a 5-loop linear transformer from random init on in-context regression.
 
-The recipe (docs/learning.md, chosen by measurement): P, Q ~ N(0, (1e-6)²); only the GD
-construction's blocks P_yy, Q_xx are updated (the other blocks stay at their tiny init); a loop
-curriculum 1 → T, one loop every 100 steps, then 1000 + 1000·√κ_Σ steps at T (train.steps follows
-model.loops and task.condition_number);
-Adam 1e-2 with a cosine schedule and gradient clipping at 1.  The default run (T = 5) takes about
-half a minute on a 2-core CPU and ends below GD with the best constant step; every evaluation
-also reads the model at loops 1 … 4T.
+The recipe (docs/learning.md, chosen by measurement): P_yy, Q_xx ~ N(0, (1e-6)²), the GD
+construction's blocks, are the only ones updated (the others start and stay at 0); a loop
+curriculum 1 → T, one loop every 100 steps, then 1000 + 500·√κ_Σ steps at T (train.steps follows
+model.loops and task.condition_number); Adam 1e-2 with β2 = 0.99, a cosine schedule and gradient
+clipping at 10; tail-holding batches (the 1/8 of each batch with the largest whitened λ_max(Σ̂),
+from 8× as many candidates, at their true weight); up to 5 non-finite steps in a row skipped.  The
+default run (T = 5) takes under a minute on a 2-core CPU and ends below GD with the best constant
+step; every evaluation also reads the model at loops 1 … 4T.
 
   python scripts/train.py --config configs/default.py --workdir runs/default
   python scripts/train.py --config configs/default.py --workdir runs/t10 --config.model.loops=10
@@ -38,9 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.parameterization = "full"  # full: P, Q free | gd: only A in Q = [[-A,0],[0,0]]
   config.model.loops = loops        # T: loops of the shared block at the end of training
-  config.model.init_scale = 1e-6    # full: P, Q ~ N(0, init_scale²); gd: A = init_scale·I.  Small: the
-                                    # blocks that stay at init then cannot set an error floor (1e-4 left a
-                                    # 4e-8 floor at n/d = 8, T = 20; docs/learning.md)
+  config.model.init_scale = 1e-6    # full: P, Q ~ N(0, init_scale²); gd: A = init_scale·I.  With the
+                                    # construction mask on for the whole run only P_yy, Q_xx are drawn and
+                                    # the rest start at 0: frozen at 1e-4 they left a 4e-8 error floor
+                                    # (n/d = 8, T = 20), at 1e-6 a 1e-11 one (docs/learning.md)
   config.model.init = "random"      # random: P, Q ~ N(0, init_scale²) (from scratch, docs/learning.md) |
                                     # gd: warm start at the GD construction with step init_step plus that
                                     # noise (full), or A = init_step·I (gd)
@@ -56,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0             # parameter init and training-data seed
   every = ml_collections.FieldReference(100, field_type=int)
-  # Optimizer steps: the curriculum's T·every, then 1000 + 1000·√κ_Σ at T (2000 at κ_Σ = 1; learning
-  # Σ⁻¹ at κ_Σ = 100 needs the 11 000: 1.0× PGD there against 4.7× with 2000; docs/learning.md).
+  # Optimizer steps: the curriculum's T·every, then 1000 + 500·√κ_Σ at T (1500 at κ_Σ = 1, 6000 at
+  # κ_Σ = 100: learning Σ⁻¹ takes longer the worse Σ is conditioned; docs/learning.md).
   config.train.steps = loops * every + ((kappa ** 0.5) * 500.0).to_int() + 1000
   batch = ml_collections.FieldReference(128, field_type=int)
   config.train.batch_size = batch   # prompts per step
@@ -68,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.adam_b2 = 0.99       # adam / adamw / soap: decay of the second moment v.  0.999 stalls
                                     # where the loss falls by decades (n/d = 8, T = 20: 511× PGD)
   config.train.adam_eps = 1e-8       # adam / adamw / soap: ε of the denominator √v + ε
-  config.train.grad_clip = 10.0     # global-norm clipping (0: off)
+  config.train.grad_clip = 10.0     # global-norm clipping (0: off).  1 cuts the tail's gradient
+                                    # (n/d = 1.5, T = 20: the mean 10³-10⁵× GD's; docs/learning.md)
   config.train.weight_decay = 0.0   # adamw only
   config.train.momentum = 0.9       # sgd only
   config.train.shampoo_decay = 0.99  # soap only: EMA decay of the factors GGᵀ, GᵀG
@@ -85,8 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.tail_pool = 8         # tail-holding batches: draw each batch from tail_pool·batch_size
   config.train.tail_prompts = batch // 8  # candidates, always keep the tail_prompts of largest whitened
                                     # λ_max(Σ̂), weighted to their true share (unbiased; linear family,
-                                    # loopicl/linear/tail_sampling.py).  1 / 0: uniform batches.  8 / 16
-                                    # at n/d = 1.5, T = 20 did not stop divergence (docs/learning.md)
+                                    # loopicl/linear/tail_sampling.py).  1 / 0: uniform batches, which
+                                    # at n/d = 1.5, T = 20 miss the mean on 4 of 4 seeds (docs/learning.md)
   config.train.nonfinite_skips = 5  # skip up to this many non-finite steps in a row (state unchanged,
                                     # next batch) before the run stops with its last good state
   config.train.steps_per_call = 50  # optimizer steps per jitted call (lax.scan): amortises dispatch

@@ -114,7 +114,7 @@ def test_a_run_trains_on_tail_holding_batches(tmp_path):
   """The path users run (train_and_evaluate, the jitted scan of steps) with tail_pool > 1: it
   trains, learns, and its batches differ from the uniform run's (the parameters do too)."""
   from tests.test_train import _final_params, _metrics_lines, _run, tiny_config
-  _run(tiny_config(), tmp_path / "uniform")
+  _run(tiny_config(**{"train.tail_pool": 1, "train.tail_prompts": 0}), tmp_path / "uniform")
   tail = _run(tiny_config(**{"train.tail_pool": 4, "train.tail_prompts": 4}), tmp_path / "tail")
   step_u, p_u = _final_params(tmp_path / "uniform")
   step_t, p_t = _final_params(tmp_path / "tail")
