@@ -132,7 +132,8 @@ def sample(key: jax.Array, task_config, batch_size: int) -> Batch:
                   task_config, sample_inputs(k_x, task_config, batch_size))
 
 
-def _sqrt_sigma(c, dtype):
+def sqrt_sigma(c, dtype):
+  """Σ^{1/2} = U diag(√λ) [d, d]: x = Σ^{1/2} g with g ~ N(0, I)."""
   # Σ^{1/2} = U diag(√λ) is a trace-time constant: the same Σ for every prompt.
   return jnp.asarray(covariance_basis(c) * np.sqrt(covariance_spectrum(c)), dtype)
 
@@ -141,7 +142,7 @@ def sample_inputs(key: jax.Array, task_config, batch_size: int) -> jax.Array:
   """The context inputs of `batch_size` prompts, x_i ~ N(0, Σ): X [batch, d, n]."""
   c = task_config
   dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64.
-  return _sqrt_sigma(c, dtype) @ jax.random.normal(key, (batch_size, int(c.d), int(c.n_context)), dtype)
+  return sqrt_sigma(c, dtype) @ jax.random.normal(key, (batch_size, int(c.d), int(c.n_context)), dtype)
 
 
 def complete(keys, task_config, X: jax.Array) -> Batch:
@@ -156,7 +157,7 @@ def complete(keys, task_config, X: jax.Array) -> Batch:
   if c.kind == "vector_generation":
     X_query = jnp.broadcast_to(jnp.eye(d, dtype=dtype), (batch_size, d, d))
   else:
-    X_query = _sqrt_sigma(c, dtype) @ jax.random.normal(k_q, (batch_size, d, m), dtype)
+    X_query = sqrt_sigma(c, dtype) @ jax.random.normal(k_q, (batch_size, d, m), dtype)
   noise = c.noise_std * jax.random.normal(k_eps, (batch_size, d_out, n), dtype)
   Y = W_star @ X + noise
   targets = W_star @ X_query
