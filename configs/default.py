@@ -2,7 +2,7 @@
 
 The recipe (docs/learning.md, chosen by measurement): P_yy, Q_xx ~ N(0, (1e-6)²), the GD
 construction's blocks, are the only ones updated (the others start and stay at 0); a loop
-curriculum 1 → T, one loop every 100 steps, then 1000 + 500·√κ_Σ steps at T (train.steps follows
+curriculum 1 → T, one loop every 100 steps, then 500 + 1000·√κ_Σ steps at T (train.steps follows
 model.loops and task.condition_number); Adam 1e-2 with β2 = 0.99, a cosine schedule and gradient
 clipping at 10; tail-holding batches (the 1/8 of each batch with the largest whitened λ_max(Σ̂),
 from 8× as many candidates, at their true weight); up to 5 non-finite steps in a row skipped.  The
@@ -58,9 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0             # parameter init and training-data seed
   every = ml_collections.FieldReference(100, field_type=int)
-  # Optimizer steps: the curriculum's T·every, then 1000 + 500·√κ_Σ at T (1500 at κ_Σ = 1, 6000 at
-  # κ_Σ = 100: learning Σ⁻¹ takes longer the worse Σ is conditioned; docs/learning.md).
-  config.train.steps = loops * every + ((kappa ** 0.5) * 500.0).to_int() + 1000
+  # Optimizer steps: the curriculum's T·every, then 500 + 1000·√κ_Σ at T (1500 at κ_Σ = 1, 10 500 at
+  # κ_Σ = 100: learning Σ⁻¹ takes longer the worse Σ is conditioned; 500·√κ_Σ left κ_Σ = 100 rotated
+  # at T = 10 and 20 at 1.2× and 53× PGD's mean; docs/learning.md).
+  config.train.steps = loops * every + ((kappa ** 0.5) * 1000.0).to_int() + 500
   batch = ml_collections.FieldReference(128, field_type=int)
   config.train.batch_size = batch   # prompts per step
   config.train.optimizer = "adam"   # adam | adamw | sgd | soap (Adam in Shampoo's eigenbasis, loopicl/soap.py)

@@ -12,6 +12,9 @@ larger than the current ones: its steps shrink with the loss and training stalls
   python scripts/adam_memory.py --b2=0.95
   python scripts/adam_memory.py --b2=0.999 --eps=1e-20   # not ε: the same stall
   python scripts/adam_memory.py --b2=0.999 --log_loss    # log(mean): Adam sees O(1) gradients
+
+Converged, it is also the best A for the mean in the model class (the construction's blocks): its
+median against PGD's says what a mean-trained model can reach on the median (docs/learning.md).
 """
 from absl import app, flags
 import jax
@@ -34,6 +37,7 @@ flags.DEFINE_float("lr", 1e-2, "peak learning rate (cosine to 0)")
 flags.DEFINE_float("b2", 0.999, "Adam β2")
 flags.DEFINE_float("eps", 1e-8, "Adam ε")
 flags.DEFINE_bool("log_loss", False, "minimise log(mean) instead of the mean")
+flags.DEFINE_list("pgd_c", ["0.74", "0.76", "0.78", "0.80"], "PGD scales c printed at the end")
 FLAGS = flags.FLAGS
 
 
@@ -70,7 +74,7 @@ def main(_):
     updates, state = tx.update(grad(A), state)
     A = A + updates
   sigma_inv = jnp.asarray(np.linalg.inv(sigma))
-  for c in (0.74, 0.76, 0.78, 0.80):
+  for c in map(float, FLAGS.pgd_c):
     e = np.asarray(test_errors(c * sigma_inv, test))
     print(f"PGD c = {c}: test mean {e.mean():.3g}, median {np.median(e):.3g}")
 

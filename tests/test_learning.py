@@ -163,10 +163,10 @@ def test_default_recipe_learns_sigma_inverse_without_diverging(tmp_path):
   c = default.get_config()
   c.task.condition_number, c.task.rotate = 10.0, True
   c.model.loops = 10
-  steps = int(c.train.steps)  # 100·T + 1000 + 500·√κ_Σ = 3581: the recipe's own count
+  steps = int(c.train.steps)  # 100·T + 500 + 1000·√κ_Σ = 4662: the recipe's own count
   c.eval.every, c.checkpoint.every = steps, steps  # one evaluation, one checkpoint
   result = train.train_and_evaluate(c, str(tmp_path), log=lambda *a: None, progress=False)
-  assert result["step"] == steps == 3581
+  assert result["step"] == steps == 4662
   assert result["nonfinite_prompts"] == 0
   assert result["pgd_error"] < 0.2 * result["gd_error"]  # Σ⁻¹ matters here
   assert result["test_error"] <= 1.1 * result["pgd_error"], (result["test_error"], result["pgd_error"])
