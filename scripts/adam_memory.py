@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from configs import default
-from loopicl.linear import tasks
+from loopicl.linear import baselines, tasks
 
 flags.DEFINE_integer("d", 10, "input dimension")
 flags.DEFINE_integer("n", 80, "in-context examples")
@@ -47,18 +47,10 @@ def main(_):
   task = default.get_config().task
   task.d, task.n_context, task.condition_number, task.rotate = d, n, FLAGS.kappa, True
   sigma = tasks.covariance(task)
-  root = np.linalg.cholesky(sigma)
-
-  def sigma_hats(seed, count):
-    X = root @ np.random.default_rng(seed).standard_normal((count, d, n))
-    return jnp.asarray(X @ np.swapaxes(X, -1, -2) / n)
-
-  train, test, S = sigma_hats(0, FLAGS.prompts), sigma_hats(5, FLAGS.test_prompts), jnp.asarray(sigma)
-
-  def per_prompt(A, sh):  # [prompts]
-    M = jnp.eye(d) - sh @ A  # W* − W_t = (W* − W_{t−1}) M, so W* − W_T = W* Mᵀ (the T-th power)
-    MT = jax.lax.fori_loop(0, T, lambda _, P: P @ M, jnp.broadcast_to(jnp.eye(d), M.shape))
-    return jnp.einsum("bij,jk,bik->b", MT, S, MT) / d
+  train, test = (jnp.asarray(baselines.sample_sigma_hats(task, seed, count))
+                 for seed, count in ((0, FLAGS.prompts), (5, FLAGS.test_prompts)))
+  S = jnp.asarray(sigma)
+  per_prompt = lambda A, sh: baselines.expected_pgd_error(A, sh, S, T)  # [prompts]
 
   mean = lambda A: jnp.mean(per_prompt(A, train))
   objective = (lambda A: jnp.log(mean(A))) if FLAGS.log_loss else mean

@@ -324,3 +324,31 @@ def test_bad_arguments_raise_one_line_value_errors(call, name):
   with pytest.raises(ValueError) as info:
     call(b.X, b.Y)
   assert name in str(info.value) and "allowed:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_expected_pgd_error_is_the_mean_over_tasks_and_queries():
+  """baselines.expected_pgd_error (closed form over W* and x_q) against numpy: GD steps
+  W ← W + (W* − W) Σ̂ A iterated on 200 000 sampled (W*, x_q) per prompt, within 5 standard errors;
+  and sample_sigma_hats is X Xᵀ/n of x ~ N(0, Σ) (its mean is Σ)."""
+  from configs import default
+  from loopicl.linear import baselines
+  task = default.get_config().task
+  task.d, task.n_context, task.condition_number, task.rotate = 3, 6, 10.0, True
+  sigma = tasks.covariance(task)
+  hats = baselines.sample_sigma_hats(task, 0, 20000)
+  assert np.max(np.abs(hats.mean(axis=0) - sigma)) < 5 * np.max(np.sqrt(2 * np.diag(sigma) ** 2 / 6 / 20000))
+  A = 0.2 * np.linalg.inv(sigma) + 0.05 * np.eye(3)
+  loops = 4
+  with jax.enable_x64(True):
+    got = np.asarray(baselines.expected_pgd_error(jnp.asarray(A), jnp.asarray(hats[:3]),
+                                                  jnp.asarray(sigma), loops))
+  rng = np.random.default_rng(1)
+  root = np.linalg.cholesky(sigma)
+  for k in range(3):
+    w_star = rng.standard_normal((200000, 3)) / np.sqrt(3)
+    x_q = rng.standard_normal((200000, 3)) @ root.T
+    W = np.zeros_like(w_star)
+    for _ in range(loops):
+      W = W + (w_star - W) @ hats[k] @ A
+    err = np.sum((W - w_star) * x_q, axis=1) ** 2
+    assert abs(err.mean() - got[k]) < 5 * err.std() / np.sqrt(len(err)), (k, err.mean(), got[k])

@@ -81,3 +81,22 @@ def best_ridge(X, Y, X_query, targets, *, rel_tol: float = 1e-3,
       np.geomspace(1e-10 * scale, 1e2 * scale, grid_points),
       done=lambda lo, best, hi: hi / lo <= 1 + rel_tol,
       refine=lambda lo, hi: np.geomspace(lo, hi, 17))
+
+
+def sample_sigma_hats(task_config, seed: int, count: int) -> np.ndarray:
+  """Σ̂ = X Xᵀ/n of `count` prompts with x_i ~ N(0, Σ) (numpy float64, numpy's generator `seed`):
+  [count, d, d].  For closed-form studies of preconditioned GD (scripts/adam_memory.py)."""
+  d, n = int(task_config.d), int(task_config.n_context)
+  root = np.linalg.cholesky(tasks.covariance(task_config))
+  X = root @ np.random.default_rng(seed).standard_normal((count, d, n))
+  return X @ np.swapaxes(X, -1, -2) / n
+
+
+def expected_pgd_error(A: jax.Array, sigma_hat: jax.Array, sigma: jax.Array, loops: int) -> jax.Array:
+  """Each prompt's query error after `loops` steps of W ← W + (W* − W) Σ̂ A from W = 0, in
+  expectation over W* ~ N(0, I/d) and x_q ~ N(0, Σ) (noise-free): (1/d)·tr(B Σ Bᵀ) with
+  B = (I − Σ̂A)^loops, since W* − W_T = W* B.  A: [d, d], sigma_hat: [prompts, d, d] -> [prompts]."""
+  d = A.shape[-1]
+  M = jnp.eye(d, dtype=A.dtype) - sigma_hat @ A
+  B = jax.lax.fori_loop(0, loops, lambda _, B: B @ M, jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), M.shape))
+  return jnp.einsum("bij,jk,bik->b", B, sigma, B) / d
