@@ -44,13 +44,8 @@ FLAGS = flags.FLAGS
 def main(_):
   jax.config.update("jax_enable_x64", True)
   d, n, T = FLAGS.d, FLAGS.n, FLAGS.loops
-  task = default.get_config().task
-  task.d, task.n_context, task.condition_number, task.rotate = d, n, FLAGS.kappa, True
-  sigma = tasks.covariance(task)
-  train, test = (jnp.asarray(baselines.sample_sigma_hats(task, seed, count))
-                 for seed, count in ((0, FLAGS.prompts), (5, FLAGS.test_prompts)))
-  S = jnp.asarray(sigma)
-  per_prompt = lambda A, sh: baselines.expected_pgd_error(A, sh, S, T)  # [prompts]
+  sigma, train, test, per_prompt = baselines.closed_form_study(
+      d, n, FLAGS.kappa, T, FLAGS.prompts, FLAGS.test_prompts)  # per_prompt: [prompts]
 
   mean = lambda A: jnp.mean(per_prompt(A, train))
   objective = (lambda A: jnp.log(mean(A))) if FLAGS.log_loss else mean

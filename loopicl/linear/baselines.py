@@ -100,3 +100,17 @@ def expected_pgd_error(A: jax.Array, sigma_hat: jax.Array, sigma: jax.Array, loo
   M = jnp.eye(d, dtype=A.dtype) - sigma_hat @ A
   B = jax.lax.fori_loop(0, loops, lambda _, B: B @ M, jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), M.shape))
   return jnp.einsum("bij,jk,bik->b", B, sigma, B) / d
+
+
+def closed_form_study(d: int, n: int, kappa: float, loops: int, prompts: int, test_prompts: int):
+  """The rotated-Σ setting of the closed-form scripts (scripts/adam_memory.py,
+  scripts/mean_optimal_preconditioner.py): (Σ [d, d] numpy, training Σ̂'s, test Σ̂'s, per_prompt)
+  with per_prompt(A, Σ̂'s) = expected_pgd_error at `loops`.  Call with x64 enabled."""
+  from configs import default
+  task = default.get_config().task
+  task.d, task.n_context, task.condition_number, task.rotate = d, n, kappa, True
+  sigma = tasks.covariance(task)
+  train, test = (jnp.asarray(sample_sigma_hats(task, seed, count))
+                 for seed, count in ((0, prompts), (5, test_prompts)))
+  S = jnp.asarray(sigma)
+  return sigma, train, test, lambda A, sh: expected_pgd_error(A, sh, S, loops)
