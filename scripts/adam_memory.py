@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import default
-from loopicl.linear import baselines, tasks
+from loopicl.linear import baselines
 
 flags.DEFINE_integer("d", 10, "input dimension")
 flags.DEFINE_integer("n", 80, "in-context examples")

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs import default
-from loopicl.linear import baselines, tasks, weights
+from loopicl.linear import baselines, weights
 
 flags.DEFINE_integer("d", 10, "input dimension")
 flags.DEFINE_integer("n", 40, "in-context examples")
