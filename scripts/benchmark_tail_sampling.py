@@ -1,9 +1,9 @@
-"""What one training batch costs to draw: uniform, tail-holding with the candidates' inputs drawn
-directly, and tail-holding through Bartlett's factor (loopicl/linear/tail_sampling.py; the
-default uses it from n ≥ BARTLETT_MIN_RATIO·d).  K seeds vmapped, as the sweep and the learning
-table draw them; milliseconds per step (one draw for all seeds), median of `--repeats` timings.
+"""What one training batch costs to draw: uniform, and tail-holding with the candidates scored by
+XLA or by the fused CPU kernel (loopicl/linear/tail_sampling.py; training on one CPU device uses
+the kernel).  K seeds vmapped, as the sweep and the learning table draw them; milliseconds per
+step (one draw for all seeds), median of `--repeats` timings.
 
-  python scripts/benchmark_tail_sampling.py                       # d = 10, n ∈ {15, 40, 80}; d = 20, n = 80
+  python scripts/benchmark_tail_sampling.py                       # d = 10, n ∈ {15, 40, 80}; d = 20, n ∈ {40, 80}
   python scripts/benchmark_tail_sampling.py --shapes=10x80 --seeds=1
 """
 import time
@@ -16,7 +16,7 @@ from configs import default
 from loopicl import prng
 from loopicl.linear import tail_sampling, tasks
 
-flags.DEFINE_list("shapes", ["10x15", "10x40", "10x80", "20x80"], "d x n of the task")
+flags.DEFINE_list("shapes", ["10x15", "10x40", "10x80", "20x40", "20x80"], "d x n of the task")
 flags.DEFINE_integer("seeds", 4, "seeds vmapped (the table trains 4)")
 flags.DEFINE_integer("batch_size", 128, "prompts per batch")
 flags.DEFINE_integer("pool", 8, "candidates per batch prompt (train.tail_pool)")
@@ -40,23 +40,16 @@ def main(_):
   keys = jax.random.split(jax.random.key(0), FLAGS.seeds)
   print(f"ms per step, {FLAGS.seeds} seeds vmapped, batch {B}, {pool}·{B} candidates, tail {tail} "
         f"({jax.devices()[0].platform})")
-  print("d    n    uniform   tail, direct   tail, Bartlett   default")
+  print("d    n    uniform   tail, XLA score   tail, kernel score")
   for shape in FLAGS.shapes:
     d, n = (int(x) for x in shape.split("x"))
     task = default.get_config().task
     task.d, task.n_context = d, n
-    draw = lambda: jax.jit(jax.vmap(lambda k: tail_sampling.sample(k, task, B, pool, tail).Z0))
+    draw = lambda kernel: jax.jit(jax.vmap(
+        lambda k: tail_sampling.sample(k, task, B, pool, tail, kernel=kernel).Z0))
     uniform = _ms(jax.jit(jax.vmap(lambda k: tasks.sample(k, task, B).Z0)), keys)
-    ratio = tail_sampling.BARTLETT_MIN_RATIO
-    try:
-      tail_sampling.BARTLETT_MIN_RATIO = 10**9   # force the direct draw
-      direct = _ms(draw(), keys)
-      tail_sampling.BARTLETT_MIN_RATIO = 0       # force Bartlett's (needs n ≥ d)
-      bartlett = _ms(draw(), keys) if n >= d else float("nan")
-    finally:
-      tail_sampling.BARTLETT_MIN_RATIO = ratio
-    used = "Bartlett" if n >= ratio * d else "direct"
-    print(f"{d:<4} {n:<4} {uniform:7.1f}   {direct:12.1f}   {bartlett:14.1f}   {used}")
+    xla, fused = _ms(draw(False), keys), _ms(draw(True), keys)
+    print(f"{d:<4} {n:<4} {uniform:7.1f}   {xla:15.1f}   {fused:18.1f}")
 
 
 if __name__ == "__main__":

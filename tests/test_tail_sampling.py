@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import default
-from loopicl import config as config_lib, train
+from loopicl import config as config_lib, family as family_registry, train
 from loopicl.errors import ConfigError
 from loopicl.linear import family as family_lib, tail_sampling, tasks
 from tests import numpy_reference
@@ -54,7 +54,7 @@ def test_batch_is_the_pool_top_plus_others_with_weights_summing_to_one():
   np.testing.assert_allclose(np.asarray(b.Y), np.asarray(b.W_star @ b.X), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [15, 40])  # inputs drawn directly | through Bartlett's factor (n ≥ 4d)
+@pytest.mark.parametrize("n", [15, 40])
 def test_weighted_estimate_is_unbiased(n):
   """E[Σ_b w_b f(prompt_b)] = E[f] for f = λ_max⁶ (dominated by the tail), within 5 standard errors."""
   task = _task(n=n, kappa=1.0, rotate=False)
@@ -126,49 +126,47 @@ def test_a_run_trains_on_tail_holding_batches(tmp_path):
   assert lines[-1]["test_error"] < lines[0]["test_error"]  # it learns
 
 
-def test_bartlett_candidates_are_gaussian_inputs():
-  """G = L·U (Bartlett factor times Haar rows) has the law of a Gaussian [d, n]: entry moments
-  against N(0, 1) and λ_max(G Gᵀ/n) quantiles against direct draws, within 5 standard errors."""
-  d, n, count = 3, 12, 40000
-  dtype = jnp.float32
-  L = tail_sampling.bartlett_factor(jax.random.key(0), count, d, n, dtype)
-  U = tail_sampling.haar_rows(jax.random.key(1), count, d, n, dtype)
-  np.testing.assert_allclose(np.asarray(U @ jnp.swapaxes(U, -1, -2)), np.broadcast_to(np.eye(d), (count, d, d)),
-                             atol=1e-5)
-  assert np.all(np.triu(np.asarray(L), 1) == 0) and np.all(np.diagonal(np.asarray(L), axis1=1, axis2=2) > 0)
-  G = np.asarray(L @ U, np.float64)
-  flat = G.reshape(count, -1)
-  cov = flat.T @ flat / count                    # E[g gᵀ] = I  (d·n × d·n)
-  assert np.max(np.abs(cov - np.eye(d * n))) < 5 * np.sqrt(2 / count)
-  assert abs(np.mean(flat) ) < 5 / np.sqrt(count * d * n)
-  fourth = np.mean(flat ** 4, axis=0)            # E[g⁴] = 3, sd √96 per entry
-  assert np.max(np.abs(fourth - 3)) < 5 * np.sqrt(96 / count)
-  cross = np.mean(G[:, 0, 0] ** 2 * G[:, 1, 1] ** 2)  # independent entries: E = 1, sd √8
-  assert abs(cross - 1) < 5 * np.sqrt(8 / count)
-  lam = np.linalg.eigvalsh(G @ np.swapaxes(G, 1, 2) / n)[:, -1]
-  direct = np.asarray(jax.random.normal(jax.random.key(2), (count, d, n)), np.float64)
-  ref = np.linalg.eigvalsh(direct @ np.swapaxes(direct, 1, 2) / n)[:, -1]
-  for q in (0.1, 0.5, 0.9, 0.99):                # quantiles agree (binomial SE of the quantile)
-    lo, hi = np.quantile(ref, q - 5 * np.sqrt(q * (1 - q) / count)), np.quantile(ref, q + 5 * np.sqrt(q * (1 - q) / count))
-    assert lo <= np.quantile(lam, q) <= hi, q
+def test_kernel_scores_are_the_lambda_max_of_the_candidates():
+  """The fused kernel's score (loopicl/kernels gram_lambda_max) of flat Gaussians G [count·d·n],
+  vmapped over a seed axis, against numpy eigvalsh (float64) and the XLA power iteration."""
+  from loopicl import kernels
+  d, n, count = 7, 11, 300   # count not a multiple of the SIMD width: a partial last block
+  flat = jax.random.normal(jax.random.key(0), (3, count * d * n), jnp.float32)
+  got, same = jax.vmap(lambda g: kernels.gram_lambda_max(g, d, n, 16))(flat)
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(flat))  # G comes back unchanged
+  got = np.asarray(got, np.float64)
+  G = np.asarray(flat, np.float64).reshape(3, count, d, n)
+  ref = np.linalg.eigvalsh(G @ np.swapaxes(G, -1, -2) / n)[..., -1]
+  rel = np.abs(got - ref) / ref
+  assert got.shape == (3, count)
+  assert np.median(rel) < 1e-3 and np.all(got <= ref * (1 + 1e-5))  # a Rayleigh quotient: ≤ λ_max
+  Gj = jnp.asarray(G, jnp.float32)
+  xla = np.asarray(jax.vmap(tail_sampling._power_lambda_max)(Gj @ jnp.swapaxes(Gj, -1, -2) / n))
+  np.testing.assert_allclose(got, xla, rtol=1e-5)
 
 
-def test_bartlett_batch_holds_the_pool_top():
-  """n ≥ 4d (the Bartlett draw): the batch's whitened Gram matrices are the chosen candidates'
-  L Lᵀ/n, the tail rows are the pool's top λ_max (numpy eigvalsh, float64), weights as before."""
-  task, B, pool, tail = _task(n=48, kappa=10.0, rotate=True), 32, 8, 4
-  task.d = 6
-  assert task.n_context >= tail_sampling.BARTLETT_MIN_RATIO * task.d
-  key = jax.random.key(5)
-  b = tail_sampling.sample(key, task, B, pool, tail)
-  k_l, _ = jax.random.split(jax.random.split(key, 4)[0])
-  L = np.asarray(tail_sampling.bartlett_factor(k_l, pool * B, task.d, task.n_context, jnp.float32), np.float64)
-  pool_lam = np.linalg.eigvalsh(L @ np.swapaxes(L, 1, 2) / task.n_context)[:, -1]
-  lam = _whitened_lambda_max_numpy(b.X, task)
-  np.testing.assert_allclose(np.sort(lam[:tail]), np.sort(pool_lam)[-tail:], rtol=1e-4)
-  assert np.min(lam[:tail]) >= np.max(lam[tail:]) * (1 - 1e-4)
-  # Every row is some candidate's Gram matrix, each candidate at most once.
-  rows = [int(np.argmin(np.abs(pool_lam - l))) for l in lam]
-  assert len(set(rows)) == B
-  np.testing.assert_allclose(np.asarray(b.weight).sum(), 1.0, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(b.Y), np.asarray(b.W_star @ b.X), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("n", [15, 40])
+def test_kernel_and_xla_scoring_draw_the_same_batch(n):
+  """The CPU path (kernel=True, what training uses there) and XLA's give one batch."""
+  task = _task(n=n)
+  keys = jax.random.split(jax.random.key(7), 4)
+  draw = lambda kernel: jax.jit(jax.vmap(lambda k: tail_sampling.sample(k, task, 64, 8, 8, kernel=kernel)))(keys)
+  a, b = draw(True), draw(False)
+  np.testing.assert_array_equal(np.asarray(a.X), np.asarray(b.X))
+  np.testing.assert_array_equal(np.asarray(a.weight), np.asarray(b.weight))
+
+
+def test_training_samples_with_the_kernel_exactly_when_the_model_does():
+  """The training step a run builds (train.make_train_step) scores its pool with the fused kernel
+  when model.kernel resolves to it, and with XLA otherwise: read from the lowered program."""
+  for kernel, expected in (("cpu", True), ("xla", False)):
+    cfg = default.get_config()
+    cfg.task.d, cfg.task.n_context, cfg.model.loops, cfg.train.batch_size = 4, 8, 2, 16
+    cfg.train.tail_prompts = 2
+    cfg.model.kernel = kernel
+    family = family_registry.of(cfg)
+    tx = train.family_optimizer(family)
+    model_def, state = train.init_state(family, tx, 0)
+    step = jax.jit(train.make_train_step(family, model_def, tx, 16, 2))
+    text = step.lower(state, jnp.int32(0)).as_text()
+    assert ("loopicl_gram_lambda_max" in text) == expected, kernel

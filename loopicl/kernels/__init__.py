@@ -34,7 +34,8 @@ from loopicl.errors import ConfigError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "looped_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {"forward": "loopicl_loop_forward", "backward": "loopicl_loop_backward"}
+_TARGETS = {"forward": "loopicl_loop_forward", "backward": "loopicl_loop_backward",
+            "gram_lambda_max": "loopicl_gram_lambda_max"}
 
 
 class KernelUnavailable(ConfigError):
@@ -112,6 +113,8 @@ def lanes() -> int:
                               platform="cpu")
   jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.LoopiclBackward),
                               platform="cpu")
+  jax.ffi.register_ffi_target(_TARGETS["gram_lambda_max"],
+                              jax.ffi.pycapsule(library.LoopiclGramLambdaMax), platform="cpu")
   library.loopicl_lanes.restype = ctypes.c_int64
   return int(library.loopicl_lanes())
 
@@ -170,3 +173,21 @@ def _fused_bwd(n_context, d_out, loops, remat, threads, saved, readout_cotangent
 
 
 fused_readouts.defvjp(_fused_fwd, _fused_bwd)
+
+
+def gram_lambda_max(G, d: int, n: int, iterations: int, threads: int = 0):
+  """(λ_max((1/n) G_c G_cᵀ) per candidate c, G): the score by `iterations` power iterations, as
+  `tail_sampling.whitened_lambda_max` computes it on the XLA path, and G itself, aliased.
+  G: [..., count·d·n], the candidates' d × n Gaussians flat (row-major, as drawn: no layout
+  copy) → ([..., count], G).  Read the chosen candidates from the returned G: XLA then gathers
+  from the drawn buffer instead of fusing the draw into the gather (which redoes the normals'
+  erf⁻¹ per gathered element, ~16 ms a step at d = 10, n = 80).  float32, not differentiable
+  (sampling only).  `threads`: 0 is XLA's intra-op pool size + 1."""
+  lanes()  # registered before the call is traced
+  count = G.shape[-1] // (d * n)
+  G = G.astype(jnp.float32)
+  return jax.ffi.ffi_call(
+      _TARGETS["gram_lambda_max"],
+      (jax.ShapeDtypeStruct(G.shape[:-1] + (count,), jnp.float32), jax.ShapeDtypeStruct(G.shape, jnp.float32)),
+      vmap_method="broadcast_all", input_output_aliases={0: 1},
+  )(G, d=np.int64(d), n=np.int64(n), iterations=np.int64(iterations), threads=np.int64(threads))

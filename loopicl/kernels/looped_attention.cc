@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -363,6 +364,80 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The tail-holding sampler's score (loopicl/linear/tail_sampling.py): for each candidate's
+// Gaussian inputs G [d, n], λ_max(S), S = G Gᵀ / n, by the sampler's power iteration (start at the
+// column of S of largest norm, `iterations` products, then the Rayleigh quotient).  Why here:
+// XLA's CPU backend runs 1024 × 4 of these small products as batched dots, and fuses the normal
+// draw's erf⁻¹ into loops over a short minor axis, at 25–50 ms a training step.  G comes flat as
+// drawn, so XLA adds no layout copy: G: [..., count·d·n] (candidate-major, row-major d × n)
+// → [..., count], and G again (aliased: the caller reads the chosen candidates from the drawn
+// buffer, where XLA would otherwise fuse the draw into that gather and redo erf⁻¹ per element).  Candidates are the SIMD lanes (as prompts are in the loop).
+ffi::Error GramLambdaMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> G, int64_t d, int64_t n,
+                         int64_t iterations, int64_t threads, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::ResultBuffer<ffi::F32> G_out) {
+  auto gd = G.dimensions();
+  const size_t rank = gd.size();
+  if (rank < 1 || d < 1 || n < 1 || gd[rank - 1] % (d * n) != 0)
+    return ffi::Error::InvalidArgument("G must be [..., count·d·n]");
+  const int64_t count = gd[rank - 1] / (d * n);
+  int64_t batch = 1;
+  for (size_t i = 0; i + 1 < rank; ++i) batch *= gd[i];
+  const float* gs = G.typed_data();
+  float* o = out->typed_data();
+  if (G_out->typed_data() != gs)  // aliased with G (no copy) unless XLA could not alias it
+    std::memcpy(G_out->typed_data(), gs, sizeof(float) * G.element_count());
+  // A block is kLanes candidates of one batch element, stored lane-minor like the loop's prompts.
+  const int64_t per_batch = (count + kLanes - 1) / kLanes, blocks = batch * per_batch;
+  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
+  const vec inv_n = splat(1.0f / static_cast<float>(n));
+  ParallelBlocks(pool, blocks, workers, [&](int64_t b, int64_t) {
+    const int64_t a = b / per_batch, first = (b % per_batch) * kLanes;
+    const int64_t lanes = std::min<int64_t>(kLanes, count - first);
+    std::vector<vec> g(d * n, vec{}), S(d * d), v(d), w(d);
+    for (int64_t l = 0; l < lanes; ++l) {
+      const float* src = gs + (a * count + first + l) * d * n;
+      for (int64_t e = 0; e < d * n; ++e) g[e][l] = src[e];
+    }
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        vec acc{};
+        for (int64_t m = 0; m < n; ++m) acc += g[i * n + m] * g[j * n + m];
+        S[i * d + j] = S[j * d + i] = acc * inv_n;
+      }
+    vec best_norm = splat(-1.0f);
+    for (int64_t i = 0; i < d; ++i) v[i] = vec{};
+    for (int64_t j = 0; j < d; ++j) {  // start at the column of largest norm (the first of ties)
+      vec norm{};
+      for (int64_t i = 0; i < d; ++i) norm += S[i * d + j] * S[i * d + j];
+      for (int64_t l = 0; l < kLanes; ++l)
+        if (norm[l] > best_norm[l]) {
+          best_norm[l] = norm[l];
+          for (int64_t i = 0; i < d; ++i) v[i][l] = S[i * d + j][l];
+        }
+    }
+    for (int64_t it = 0; it < iterations; ++it) {
+      vec norm{};
+      for (int64_t i = 0; i < d; ++i) {
+        vec acc{};
+        for (int64_t j = 0; j < d; ++j) acc += S[i * d + j] * v[j];
+        w[i] = acc;
+        norm += acc * acc;
+      }
+      vec inv{};
+      for (int64_t l = 0; l < kLanes; ++l) inv[l] = norm[l] > 0.0f ? 1.0f / std::sqrt(norm[l]) : 0.0f;
+      for (int64_t i = 0; i < d; ++i) v[i] = w[i] * inv;
+    }
+    vec q{};
+    for (int64_t i = 0; i < d; ++i) {
+      vec acc{};
+      for (int64_t j = 0; j < d; ++j) acc += S[i * d + j] * v[j];
+      q += v[i] * acc;
+    }
+    for (int64_t l = 0; l < lanes; ++l) o[a * count + first + l] = q[l];
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The attributes both handlers take, in this order after their buffers.
@@ -398,3 +473,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dP
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dQ
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dZ0
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclGramLambdaMax, GramLambdaMax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // G
+                                  .Attr<int64_t>("d")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("iterations")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // λ_max
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // G (aliased)

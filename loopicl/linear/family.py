@@ -80,10 +80,11 @@ class LinearFamily(family_lib.Family):
 
   def sample(self, key, batch_size: int) -> tasks.Batch:
     """A training batch, weighted: the tail-holding draw of `train.tail_pool` / `train.tail_prompts`
-    (loopicl/linear/tail_sampling.py; pool 1 is uniform).  Evaluation draws with tasks.sample."""
+    (loopicl/linear/tail_sampling.py; pool 1 is uniform), scored by the fused kernel when the
+    training step resolved `model.kernel` to it.  Evaluation draws with tasks.sample."""
     t = self.config.train
     return tail_sampling.sample(key, self.task, batch_size, int(t.get("tail_pool", 1)),
-                                int(t.get("tail_prompts", 0)))
+                                int(t.get("tail_prompts", 0)), kernel=self.resolved_kernel == "cpu")
 
   def optimizer_extra(self):
     steps = int(self.config.train.get("construction_steps", 0))

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from loopicl import prng
+
 TASK_KINDS = ("linear_regression", "vector_generation")
 
 
@@ -142,7 +144,7 @@ def sample_inputs(key: jax.Array, task_config, batch_size: int) -> jax.Array:
   """The context inputs of `batch_size` prompts, x_i ~ N(0, Σ): X [batch, d, n]."""
   c = task_config
   dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64.
-  return sqrt_sigma(c, dtype) @ jax.random.normal(key, (batch_size, int(c.d), int(c.n_context)), dtype)
+  return sqrt_sigma(c, dtype) @ prng.normal(key, (batch_size, int(c.d), int(c.n_context)), dtype)
 
 
 def complete(keys, task_config, X: jax.Array) -> Batch:
@@ -153,12 +155,12 @@ def complete(keys, task_config, X: jax.Array) -> Batch:
   batch_size, d, n = X.shape
   d_out, m = int(c.d_out), num_queries(c)
   dtype = X.dtype
-  W_star = (c.weight_scale / np.sqrt(d)) * jax.random.normal(k_w, (batch_size, d_out, d), dtype)
+  W_star = (c.weight_scale / np.sqrt(d)) * prng.normal(k_w, (batch_size, d_out, d), dtype)
   if c.kind == "vector_generation":
     X_query = jnp.broadcast_to(jnp.eye(d, dtype=dtype), (batch_size, d, d))
   else:
-    X_query = sqrt_sigma(c, dtype) @ jax.random.normal(k_q, (batch_size, d, m), dtype)
-  noise = c.noise_std * jax.random.normal(k_eps, (batch_size, d_out, n), dtype)
+    X_query = sqrt_sigma(c, dtype) @ prng.normal(k_q, (batch_size, d, m), dtype)
+  noise = c.noise_std * prng.normal(k_eps, (batch_size, d_out, n), dtype)
   Y = W_star @ X + noise
   targets = W_star @ X_query
   Z0 = jnp.concatenate(
