@@ -11,8 +11,13 @@ Why loopicl needs it: Adam rescales each *coordinate* of Q_xx, which is the righ
   update = U_L [ (U_Lᵀ M U_R / (1 − β₁ᵗ)) / (√(V / (1 − β₂ᵗ)) + ε) ] U_Rᵀ
   L ← β_s·L + (1 − β_s)·G Gᵀ,   R ← β_s·R + (1 − β_s)·Gᵀ G        (Shampoo's factors)
   U_L, U_R = eigenvectors of L, R  (recomputed every `precondition_every` steps)
+  V ← (R_L∘R_L) V (R_R∘R_R)ᵀ,  R = U_newᵀ U_old                     (on each recompute)
 
-so it is Adam in a basis that follows the gradient's own geometry — for Q_xx, Σ's eigenbasis —
+(V carried into the new basis: exact for the reorderings and sign flips `eigh` makes when two
+eigenvalues cross — its columns come in ascending order — where V's entries would otherwise land
+on other directions, and a direction with a small V and a large gradient takes a huge step; the
+authors re-sort V by the new basis's eigenvalue estimates for the same reason), so it is Adam in
+a basis that follows the gradient's own geometry — for Q_xx, Σ's eigenbasis —
 and an axis-aligned and a rotated Σ train alike.  Leaves that are not matrices get plain Adam.
 The learning rate is applied by the caller (`optax.scale_by_learning_rate`), as for Adam.
 """
@@ -82,8 +87,11 @@ def scale_by_soap(b1: float = 0.9, b2: float = 0.999, shampoo_decay: float = 0.9
       update = jnp.where(first, jnp.zeros_like(g), ul @ direction @ ur.T)
       left = shampoo_decay * left + (1 - shampoo_decay) * g @ g.T
       right = shampoo_decay * right + (1 - shampoo_decay) * g.T @ g
-      ul, ur = jax.lax.cond(refresh, lambda: (jnp.linalg.eigh(left)[1], jnp.linalg.eigh(right)[1]),
-                            lambda: (ul, ur))
+      def refreshed():
+        new_l, new_r = jnp.linalg.eigh(left)[1], jnp.linalg.eigh(right)[1]
+        rot_l, rot_r = new_l.T @ ul, new_r.T @ ur   # old basis vectors in the new basis
+        return new_l, new_r, (rot_l * rot_l) @ nu @ (rot_r * rot_r).T
+      ul, ur, nu = jax.lax.cond(refresh, refreshed, lambda: (ul, ur, nu))
       return update, mu, nu, left, right, ul, ur
 
     out = jax.tree.map(leaf, updates, state.mu, state.nu, state.left, state.right,
