@@ -109,7 +109,7 @@ def _config(**overrides):
 
 
 def test_training_steps_match_the_xla_kernel():
-  """Ten Adam steps (sampling, loss, clipping, optimizer) with either kernel: same trajectory.
+  """Ten steps of the default recipe (sampling, loss, clipping, SOAP) with either kernel: same trajectory.
 
   The weights' change from their initial value is compared, not the weights: ten small Adam
   steps move them little, and a wrong gradient shows in the direction they moved.
@@ -120,14 +120,14 @@ def test_training_steps_match_the_xla_kernel():
     family = family_lib.of(cfg)
     tx = train.family_optimizer(family)  # the optimizer a run trains with (update mask included)
     model_def, state = train.init_state(family, tx, cfg.train.seed)
-    start = [np.asarray(x) for x in jax.tree.leaves(state)]
+    start = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
     step = jax.jit(train.make_train_step(family, model_def, tx, 40, 4))
     out = []
     for s in range(10):
       state, metrics = step(state, jnp.int32(s))
       out.append(float(metrics["loss"]))
     losses[kernel] = np.array(out)
-    moved[kernel] = [np.asarray(x) - x0 for x, x0 in zip(jax.tree.leaves(state), start)
+    moved[kernel] = [np.asarray(x) - x0 for x, x0 in zip(jax.tree.leaves(state["params"]), start)
                      if np.asarray(x).dtype == np.float32 and np.asarray(x).ndim == 2]
   assert np.all(np.isfinite(losses["cpu"]))
   np.testing.assert_allclose(losses["cpu"], losses["xla"], rtol=1e-4)

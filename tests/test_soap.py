@@ -108,10 +108,10 @@ def test_second_moment_follows_its_direction_when_eigenvalues_cross():
 
 def test_a_run_with_soap_learns_and_keeps_the_frozen_blocks(tmp_path):
   """The path users run (train_and_evaluate, the construction mask on for the whole run) with
-  train.optimizer=soap: it trains to the end, learns, differs from the Adam run, and the blocks
+  train.optimizer=soap (the default): it trains to the end, learns, differs from the Adam run, and the blocks
   outside P_yy, Q_xx stay exactly at their init (the mask acts before SOAP's factors too)."""
   from tests.test_train import _final_params, _metrics_lines, _run, tiny_config
-  _run(tiny_config(), tmp_path / "adam")
+  _run(tiny_config(**{"train.optimizer": "adam"}), tmp_path / "adam")
   out = _run(tiny_config(**{"train.optimizer": "soap"}), tmp_path / "soap")
   step_a, p_a = _final_params(tmp_path / "adam")
   step_s, p_s = _final_params(tmp_path / "soap")
