@@ -10,7 +10,8 @@ checks it against a fresh process without it), and XLA fuses it into one kernel:
 sampling at batch 256, d = 20, n = 40.
 
 It goes through JAX internals (`jax._src`); when they change, `use_unrolled_threefry` leaves the
-default lowering in place and returns False.
+default lowering in place and returns False.  `normal` is the other CPU-layout fix: the same
+normals, drawn flat.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def normal(key, shape: tuple[int, ...], dtype):
   Why: on the CPU XLA vectorises the normal's inverse-error-function transform along the last
   axis, so a draw whose last axis is short (d = 10) runs ~8x slower than the same count drawn
   flat (4096·10·10 normals: 11 ms against 1.3 ms).  Threefry's counters run over the row-major
-  flattened index, so the flat draw reshaped is bit for bit the shaped one (tests/test_kernel.py).
+  flattened index, so the flat draw reshaped is bit for bit the shaped one (tests/test_kernel.py,
+  test_flat_normal_draws_the_same_numbers_as_the_shaped_draw).
   """
   size = 1
   for s in shape:

@@ -207,6 +207,17 @@ def test_unrolled_threefry_draws_the_same_bits_as_plain_jax():
   assert len(outs[0]) == 64 and outs[0] == outs[1]
 
 
+def test_flat_normal_draws_the_same_numbers_as_the_shaped_draw():
+  """prng.normal (drawn flat, then reshaped: the fast layout on a CPU) equals jax.random.normal
+  with the shape, bit for bit, jitted and under vmap over keys (as the sweep draws)."""
+  from loopicl import prng
+  keys = jax.random.split(jax.random.key(11), 3)
+  for shape in ((64, 10, 10), (7, 1, 5), (5,), (2, 3, 4, 5)):
+    shaped = jax.jit(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32)))(keys)
+    flat = jax.jit(jax.vmap(lambda k: prng.normal(k, shape, jnp.float32)))(keys)
+    np.testing.assert_array_equal(np.asarray(flat), np.asarray(shaped))
+
+
 def test_cpu_kernel_on_several_devices_is_refused_in_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "scripts/train.py", "--config=configs/default.py", f"--workdir={tmp_path}",

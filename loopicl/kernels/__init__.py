@@ -1,10 +1,12 @@
 """The loop as one fused CPU kernel (`model.kernel = "cpu"`): build, register, differentiate.
 
 `looped_attention.cc` computes the same T loops as `loopicl.linear.model.loop_readouts` (reassociated
-form) and their backward pass, with the batch as the SIMD lane; see its header for why.  This
+form) and their backward pass, with the batch as the SIMD lane; see its header for why.  A third
+handler scores the tail-holding sampler's candidate prompts (`gram_lambda_max`, for
+loopicl/linear/tail_sampling.py): the same small-matrix work, the same reason.  This
 module compiles it on first use with the machine's C++ compiler (`-O3 -march=native`, so the
-library is built for, and cached per, the CPU it runs on), registers its two handlers with XLA
-through `jax.ffi`, and wraps them in a `jax.custom_vjp`.
+library is built for, and cached per, the CPU it runs on), registers its three handlers with XLA
+through `jax.ffi`, and wraps the loop's two in a `jax.custom_vjp`.
 
 Cache: $LOOPICL_KERNEL_CACHE, else ~/.cache/loopicl/kernels; one .so per (source, compiler,
 flags, JAX headers, CPU features) hash, written to a temporary name and renamed into place, so

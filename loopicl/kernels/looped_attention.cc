@@ -1,4 +1,5 @@
-// The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI).
+// The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI); and,
+// at the end, the tail-holding sampler's candidate score (GramLambdaMax).
 //
 // Same math as loopicl/linear/model.py (reassociated form), per prompt and loop t:
 //
