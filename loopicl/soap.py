@@ -34,7 +34,7 @@ class SoapState(NamedTuple):
   count: jax.Array   # steps taken, int32 []
   mu: optax.Updates  # momentum M, parameter basis
   nu: optax.Updates  # second moment V, rotated basis
-  left: optax.Updates   # L [m, m] per matrix leaf (a [0] placeholder for other leaves)
+  left: optax.Updates   # L [m, m] per matrix leaf (a [1] placeholder for other leaves)
   right: optax.Updates  # R [n, n]
   basis_left: optax.Updates   # U_L [m, m]
   basis_right: optax.Updates  # U_R [n, n]
@@ -54,10 +54,11 @@ def scale_by_soap(b1: float = 0.9, b2: float = 0.999, shampoo_decay: float = 0.9
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros_like(p)
+    # Other leaves hold a [1] placeholder, not [0]: Orbax cannot save zero-size arrays.
     square = lambda k: (lambda p: jnp.zeros((p.shape[k], p.shape[k]), p.dtype)
-                        if _is_matrix(p) else jnp.zeros([0], p.dtype))
+                        if _is_matrix(p) else jnp.zeros([1], p.dtype))
     eye = lambda k: (lambda p: jnp.eye(p.shape[k], dtype=p.dtype)
-                     if _is_matrix(p) else jnp.zeros([0], p.dtype))
+                     if _is_matrix(p) else jnp.zeros([1], p.dtype))
     return SoapState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params),
                      jax.tree.map(zeros, params), jax.tree.map(square(0), params),
                      jax.tree.map(square(1), params), jax.tree.map(eye(0), params),
