@@ -2,7 +2,7 @@
 
 `configs/reproduce_quick.py` with the training template replaced by the default recipe
 (`configs/default.py`: random init 1e-6, only the construction's blocks updated, loop curriculum,
-steps = 100·T + 2000 at κ_Σ = 1, Adam 1e-2) — still in window mode (one model at T = 20, the loss
+steps = 100·T + 2000 at κ_Σ = 1 then, Adam 1e-2 then; SOAP now) — still in window mode (one model at T = 20, the loss
 on every loop divided by GD's) — and the seeds on one CPU device (the fused kernel).  Measured
 (docs/learning.md): at n/d = 8 it ends below the construction from T = 5 on, at n/d = 2 its mean at
 T = 20 is ~300× the construction's (a few prompts blow up; the median is 10× below).  The full
