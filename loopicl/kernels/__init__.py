@@ -179,7 +179,7 @@ fused_readouts.defvjp(_fused_fwd, _fused_bwd)
 
 def gram_lambda_max(G, d: int, n: int, iterations: int, threads: int = 0):
   """(λ_max((1/n) G_c G_cᵀ) per candidate c, G): the score by `iterations` power iterations, as
-  `tail_sampling.whitened_lambda_max` computes it on the XLA path, and G itself, aliased.
+  `tail_sampling.gram_lambda_max` computes it on the XLA path, and G itself, aliased.
   G: [..., count·d·n], the candidates' d × n Gaussians flat (row-major, as drawn: no layout
   copy) → ([..., count], G).  Read the chosen candidates from the returned G: XLA then gathers
   from the drawn buffer instead of fusing the draw into the gather (which redoes the normals'

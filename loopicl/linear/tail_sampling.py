@@ -41,9 +41,13 @@ def whitened_lambda_max(X: jax.Array, task_config) -> jax.Array:
   pool as well (it can only under-estimate λ_max, by ~(λ₂/λ₁)^32 relative).
   """
   inv_sqrt = jnp.asarray(baselines.sqrt_inverse_covariance(task_config), X.dtype)  # trace-time
-  G = inv_sqrt @ X
-  S = G @ jnp.swapaxes(G, -1, -2) / X.shape[-1]                       # [batch, d, d]
-  return _power_lambda_max(S)
+  return gram_lambda_max(inv_sqrt @ X)
+
+
+def gram_lambda_max(G: jax.Array) -> jax.Array:
+  """λ_max((1/n) G Gᵀ) per prompt, G [batch, d, n] -> [batch]: the score on the XLA path (the
+  fused kernel's `kernels.gram_lambda_max` computes the same on the CPU)."""
+  return _power_lambda_max(G @ jnp.swapaxes(G, -1, -2) / G.shape[-1])
 
 
 def weights(batch_size: int, pool: int, tail: int) -> np.ndarray:
@@ -87,7 +91,7 @@ def sample(key: jax.Array, task_config, batch_size: int, pool: int, tail: int,
     G = flat.reshape(size, d, n)
   else:
     G = flat.reshape(size, d, n)
-    score = _power_lambda_max(G @ jnp.swapaxes(G, -1, -2) / n)
+    score = gram_lambda_max(G)
   _, top = jax.lax.top_k(score, tail)
   in_tail = jnp.zeros(size, bool).at[top].set(True)
   # The first batch − tail of the others, in draw order, are a uniform draw from the others: the
