@@ -99,6 +99,33 @@ def test_vmap_over_a_seed_axis_equals_each_seed():
     np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(_fused(Ps[i], Qs[i], Z0, 8, 1, 3)))
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_vmapped_gradients_equal_each_seeds_own(remat):
+  """The sweep's path: vmap over seeds of value_and_grad, every operand per seed (P, Q and the
+  batch), one kernel call for all models ("broadcast_all").  Each seed's loss and gradients
+  must be bit for bit those of its own unbatched call; two mapped axes (nested vmap) too."""
+  P, Q, Z0, _ = _problem(21, 5, 9, 1, 2, 4)
+  rng = np.random.default_rng(3)
+  Ps = jnp.asarray(P[None] * rng.uniform(0.5, 1.5, (3, 1, 1)), jnp.float32)
+  Qs = jnp.asarray(Q[None] * rng.uniform(0.5, 1.5, (3, 1, 1)), jnp.float32)
+  Zs = jnp.asarray(Z0[None] * rng.uniform(0.5, 1.5, (3, 1, 1, 1)), jnp.float32)
+
+  def loss(p, q, z):
+    return jnp.sum(jnp.square(kernels.fused_readouts(p, q, z, 9, 2, 4, remat, 0)))
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  value, grads = jax.jit(jax.vmap(grad))(Ps, Qs, Zs)
+  nested_value, nested = jax.jit(jax.vmap(jax.vmap(grad)))(
+      *(jnp.stack([x, x[::-1]]) for x in (Ps, Qs, Zs)))
+  for i in range(3):
+    own_value, own = jax.jit(grad)(Ps[i], Qs[i], Zs[i])
+    assert float(value[i]) == float(own_value)
+    assert float(nested_value[1, 2 - i]) == float(own_value)
+    for g, n, o in zip(grads, nested, own):
+      np.testing.assert_array_equal(np.asarray(g[i]), np.asarray(o))
+      np.testing.assert_array_equal(np.asarray(n[1, 2 - i]), np.asarray(o))
+
+
 def _config(**overrides):
   cfg = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   cfg.task.d, cfg.task.n_context, cfg.model.loops, cfg.train.batch_size = 6, 12, 4, 40

@@ -279,24 +279,37 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, int64_t workers, Body
   join->done.wait(lock, [&] { return join->active == 0; });
 }
 
-// What both handlers start from: the shape (checked), P / n, and how many workers to use.
+// What both handlers start from: the shape (checked), P / n per model, and how many workers.
+// Models: any leading dimensions of P, Q [..., D, D] and Z0 [..., batch, D, N] (vmap over seeds
+// with "broadcast_all": one call trains K models).  Work items are (model, block) pairs, so the
+// K models share the workers instead of running one after another.
 struct Call {
   Shape s;
-  std::vector<float> P_over_n;
+  int64_t models;
+  std::vector<float> P_over_n;  // [models, D, D]
   int64_t workers;
 };
 
-ffi::Error Prepare(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Z0,
-                   int64_t n_context, int64_t d_out, int64_t loops, int64_t threads, Call& call) {
+ffi::Error Prepare(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ffi::F32> Q,
+                   ffi::Buffer<ffi::F32> Z0, int64_t n_context, int64_t d_out, int64_t loops,
+                   int64_t threads, Call& call) {
   auto dims = Z0.dimensions();
-  const Shape s{dims[0], dims[1], dims[2], n_context, d_out, loops};
-  if (P.dimensions()[0] != s.D || P.dimensions()[1] != s.D)
-    return ffi::Error::InvalidArgument("P, Q must be [D, D]");
+  const size_t rank = dims.size();
+  if (rank < 3) return ffi::Error::InvalidArgument("Z0 must be [..., batch, D, N]");
+  const Shape s{dims[rank - 3], dims[rank - 2], dims[rank - 1], n_context, d_out, loops};
+  int64_t models = 1;
+  for (size_t i = 0; i + 3 < rank; ++i) models *= dims[i];
+  auto pd = P.dimensions();
+  if (pd.size() != rank - 1 || pd[rank - 2] != s.D || pd[rank - 3] != s.D ||
+      static_cast<int64_t>(P.element_count()) != models * s.D * s.D ||
+      Q.element_count() != P.element_count())
+    return ffi::Error::InvalidArgument("P, Q must be [..., D, D] with Z0's leading dimensions");
   if (s.n < 1 || s.n > s.N || s.d_out < 1 || s.d_out > s.D || s.loops < 1)
     return ffi::Error::InvalidArgument("bad n_context / d_out / loops");
   const float inv_n = 1.0f / static_cast<float>(s.n);
   call.s = s;
-  call.P_over_n.assign(P.typed_data(), P.typed_data() + s.D * s.D);
+  call.models = models;
+  call.P_over_n.assign(P.typed_data(), P.typed_data() + models * s.D * s.D);
   for (float& x : call.P_over_n) x *= inv_n;
   call.workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
   return ffi::Error::Success();
@@ -307,20 +320,23 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<ff
                    bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> readouts,
                    ffi::ResultBuffer<ffi::F32> residuals) {
   Call call;
-  if (auto e = Prepare(pool, P, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
+  if (auto e = Prepare(pool, P, Q, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
   const Shape& s = call.s;
-  const auto& P_over_n = call.P_over_n;
-  const int64_t per_block = s.loops * s.record();
-  if (store && static_cast<int64_t>(residuals->element_count()) != s.blocks() * per_block * kLanes)
+  const int64_t DD = s.D * s.D, blocks = s.blocks(), per_block = s.loops * s.record();
+  const int64_t readout_size = s.loops * s.batch * s.d_out * s.m();
+  if (store &&
+      static_cast<int64_t>(residuals->element_count()) != call.models * blocks * per_block * kLanes)
     return ffi::Error::InvalidArgument("residual buffer has the wrong size");
   std::vector<std::unique_ptr<AlignedVecs>> scratch(call.workers);
   vec* stored = reinterpret_cast<vec*>(residuals->typed_data());
-  ParallelBlocks(pool, s.blocks(), call.workers, [&](int64_t b, int64_t w) {
+  ParallelBlocks(pool, call.models * blocks, call.workers, [&](int64_t item, int64_t w) {
+    const int64_t k = item / blocks, b = item % blocks;
     if (!scratch[w]) scratch[w] = std::make_unique<AlignedVecs>((store ? 1 : per_block) + s.state());
-    vec* records = store ? stored + b * per_block : scratch[w]->p;
+    vec* records = store ? stored + item * per_block : scratch[w]->p;
     vec* Z_last = store ? scratch[w]->p : scratch[w]->p + per_block;
-    ForwardBlock(s, P_over_n.data(), Q.typed_data(), Z0.typed_data(), b, records, Z_last,
-                 readouts->typed_data());
+    ForwardBlock(s, call.P_over_n.data() + k * DD, Q.typed_data() + k * DD,
+                 Z0.typed_data() + k * s.batch * s.state(), b, records, Z_last,
+                 readouts->typed_data() + k * readout_size);
   });
   return ffi::Error::Success();
 }
@@ -331,36 +347,42 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
                     bool store, int64_t threads, ffi::ResultBuffer<ffi::F32> dP,
                     ffi::ResultBuffer<ffi::F32> dQ, ffi::ResultBuffer<ffi::F32> dZ0) {
   Call call;
-  if (auto e = Prepare(pool, P, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
+  if (auto e = Prepare(pool, P, Q, Z0, n_context, d_out, loops, threads, call); e.failure()) return e;
   const Shape& s = call.s;
-  const auto& P_over_n = call.P_over_n;
-  const int64_t DD = s.D * s.D, per_block = s.loops * s.record();
+  const int64_t DD = s.D * s.D, blocks = s.blocks(), per_block = s.loops * s.record();
+  const int64_t readout_size = s.loops * s.batch * s.d_out * s.m();
   std::vector<std::unique_ptr<AlignedVecs>> scratch(call.workers);
-  std::vector<float> partial(s.blocks() * 2 * DD);
+  std::vector<float> partial(call.models * blocks * 2 * DD);
   const int64_t backward_scratch = 2 * s.state() + 5 * DD;
   const vec* stored = reinterpret_cast<const vec*>(residuals.typed_data());
-  ParallelBlocks(pool, s.blocks(), call.workers, [&](int64_t b, int64_t w) {
+  ParallelBlocks(pool, call.models * blocks, call.workers, [&](int64_t item, int64_t w) {
+    const int64_t k = item / blocks, b = item % blocks;
+    const float* P_over_n = call.P_over_n.data() + k * DD;
+    const float* Qk = Q.typed_data() + k * DD;
+    const float* Z0k = Z0.typed_data() + k * s.batch * s.state();
     if (!scratch[w])
       scratch[w] = std::make_unique<AlignedVecs>(backward_scratch + (store ? 0 : per_block + s.state()));
     vec* base = scratch[w]->p;
-    const vec* records = stored + b * per_block;
+    const vec* records = stored + item * per_block;
     if (!store) {  // remat: recompute this block's forward records
       vec* recomputed = base + backward_scratch;
-      ForwardBlock(s, P_over_n.data(), Q.typed_data(), Z0.typed_data(), b, recomputed,
-                   recomputed + per_block, nullptr);
+      ForwardBlock(s, P_over_n, Qk, Z0k, b, recomputed, recomputed + per_block, nullptr);
       records = recomputed;
     }
-    BackwardBlock(s, P_over_n.data(), Q.typed_data(), records, ct.typed_data(), b, base,
-                  partial.data() + b * 2 * DD, dZ0->typed_data());
+    BackwardBlock(s, P_over_n, Qk, records, ct.typed_data() + k * readout_size, b, base,
+                  partial.data() + item * 2 * DD, dZ0->typed_data() + k * s.batch * s.state());
   });
   float* out_P = dP->typed_data();
   float* out_Q = dQ->typed_data();
-  std::fill(out_P, out_P + DD, 0.0f);
-  std::fill(out_Q, out_Q + DD, 0.0f);
-  for (int64_t b = 0; b < s.blocks(); ++b)  // block order: the same sum whatever thread ran what
-    for (int64_t e = 0; e < DD; ++e) {
-      out_P[e] += partial[b * 2 * DD + e];
-      out_Q[e] += partial[b * 2 * DD + DD + e];
+  std::fill(out_P, out_P + call.models * DD, 0.0f);
+  std::fill(out_Q, out_Q + call.models * DD, 0.0f);
+  for (int64_t k = 0; k < call.models; ++k)
+    for (int64_t b = 0; b < blocks; ++b) {  // block order: the same sum whatever thread ran what
+      const float* part = partial.data() + (k * blocks + b) * 2 * DD;
+      for (int64_t e = 0; e < DD; ++e) {
+        out_P[k * DD + e] += part[e];
+        out_Q[k * DD + e] += part[DD + e];
+      }
     }
   return ffi::Error::Success();
 }
