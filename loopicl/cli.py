@@ -281,8 +281,12 @@ def _learning_main(argv):
     fail(str(e))
   except (AttributeError, KeyError, TypeError) as e:  # not a learning config (missing fields)
     fail(f"--config is not a learning config ({one_line(e)}); allowed: configs/learning.py")
-  if flags.FLAGS.tails:
-    for line in learning.tail_report(config, flags.FLAGS.workdir):
+  if flags.FLAGS.tails or flags.FLAGS.population:
+    from loopicl.experiments import learning_tails
+    lines = (learning_tails.tail_report(config, flags.FLAGS.workdir) if flags.FLAGS.tails else []) + (
+        learning_tails.population_report(config, flags.FLAGS.workdir, flags.FLAGS.population)
+        if flags.FLAGS.population else [])
+    for line in lines:
       print(line, flush=True)
     return
   learning.run(config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
@@ -292,6 +296,8 @@ def run_learning():
   """Entry point of scripts/learning.py."""
   flags.DEFINE_string("workdir", None, "Directory for points/, learning.csv, summary.md, figure.")
   flags.DEFINE_bool("tails", False, "Print which prompts decide each finished seed's mean.")
+  flags.DEFINE_integer("population", 0, "Read each finished seed, GD and PGD on this many fresh "
+                       "prompts (0: off): population mean / median ratios.", lower_bound=0)
   _config_flag("Learning config (configs/learning.py).")
   _run(_learning_main, "--config=<file> --workdir=<dir> --config.<section>.<field>=<value>")
 

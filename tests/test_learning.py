@@ -11,7 +11,7 @@ import pytest
 
 from configs import learning as learning_config
 from loopicl.errors import ConfigError
-from loopicl.experiments import learning, learning_outputs
+from loopicl.experiments import learning, learning_outputs, learning_tails
 from loopicl.experiments.reproduce import compute
 from loopicl.linear import tasks
 
@@ -177,7 +177,7 @@ def test_tail_report_counts_the_prompts_that_carry_the_mean(finished):
   """--tails: per seed, how many prompts carry 90% of the mean — checked against numpy."""
   import re
   config, workdir, _, _ = finished
-  lines = learning.tail_report(config, str(workdir))
+  lines = learning_tails.tail_report(config, str(workdir))
   carry = [l for l in lines if "carry 90%" in l]
   assert len(carry) == len(config.grid.settings) * len(config.grid.seeds)
   # GD / PGD at a step tuned on other prompts: never below the hindsight step (the minimiser of
@@ -197,3 +197,36 @@ def test_tail_report_counts_the_prompts_that_carry_the_mean(finished):
   k90 = int(np.argmax(np.cumsum(top) >= 0.9 * top.sum())) + 1
   line = next(l for l in carry if l.startswith(f"{learning.setting_id(p)} seed 0:"))
   assert int(re.search(r": (\d+) of", line).group(1)) == k90
+
+
+def test_population_report_matches_numpy_on_the_same_fresh_prompts(finished):
+  """--population=N: seed 0's mean and median ratios to min(GD, PGD) over N fresh prompts (drawn
+  apart from the held-out ones), recomputed in numpy float64 from the point's P, Q and steps."""
+  import re
+  config, workdir, _, _ = finished
+  prompts = 200
+  lines = learning_tails.population_report(config, str(workdir), prompts)
+  assert len(lines) == len(config.grid.settings) * (1 + len(config.grid.seeds))
+  for s in config.grid.settings:
+    p = learning.setting_dict(s)
+    data = learning.load_points(config, str(workdir))[learning.setting_id(p)]
+    task = learning.experiment_config(config, p).task
+    with jax.enable_x64(True):
+      key = jax.random.fold_in(jax.random.key(int(config.grid.eval_seed)), learning_tails.POPULATION_STREAM)
+      batch = tasks.sample(jax.random.fold_in(key, 0), task, prompts)
+    X, Y, Xq, tg = (np.asarray(a) for a in (batch.X, batch.Y, batch.X_query, batch.targets))
+    Z0 = np.asarray(batch.Z0)
+    rec = data["seeds"]["0"]
+    P, Q = np.asarray(rec["P"]), np.asarray(rec["Q"])
+    err = np.array([np.mean((numpy_loop(P, Q, Z0[i], p["n"], p["loops"])[-1] - tg[i]) ** 2)
+                    for i in range(prompts)])
+    sigma_inv = np.linalg.inv(tasks.covariance(task))
+    base = [np.array([numpy_gd_error(X[i:i + 1], Y[i:i + 1], Xq[i:i + 1], tg[i:i + 1], step * A, p["loops"])
+                      for i in range(prompts)])
+            for step, A in ((rec["baselines"]["gd"]["step"], np.eye(p["d"])),
+                            (rec["baselines"]["pgd"]["step"], sigma_inv))]
+    mean = err.mean() / min(b.mean() for b in base)
+    median = np.median(err) / min(np.median(b) for b in base)
+    line = next(l for l in lines if l.startswith(f"{learning.setting_id(p)} seed 0:"))
+    got = re.search(r"mean ([0-9.e+-]+)x min\(GD, PGD\), median ([0-9.e+-]+)x", line)
+    np.testing.assert_allclose([float(got.group(1)), float(got.group(2))], [mean, median], rtol=6e-3)

@@ -104,7 +104,7 @@ def _baselines(task, test, loops: int, read: np.ndarray, tuned: dict) -> dict:
   kind = step_rules.error_kind(task.kind)
   out = {}
   for name in ("gd", "pgd"):
-    sp = _spectral(task, test, name)
+    sp = baseline_spectrum(task, test, name)
     hindsight, _, _ = spectral.tune_constant_step(sp, [loops], kind=kind, shoulder=None)
     for key, step in ((name, tuned[name]), (name + "_hindsight", float(hindsight[0]))):
       err = np.asarray(spectral.errors(sp, step, read, kind=kind, max_loops=int(read[-1])))
@@ -149,44 +149,8 @@ def run_setting(config, p: dict, log: Callable[[str], None]) -> dict:
   return out
 
 
-def tail_report(config, workdir: str) -> list[str]:
-  """Which prompts decide each finished seed's mean at T: one line per (setting, seed) with the
-  number of held-out prompts that carry 90% of the mean, the mean and median, how many prompts
-  have a spectral radius of I − Σ̂Â above 1 (outside the loop's stability region: their error
-  grows with t), and the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner (float64);
-  then GD's and PGD's mean on the seed's prompts at the table's step (tuned on other prompts)
-  against the hindsight step's: how much of an oracle the hindsight baseline is."""
-  lines = []
-  for pid, data in load_points(config, workdir).items():
-    p = data["setting"]
-    task, T = experiment_config(config, p).task, p["loops"]
-    with jax.enable_x64(True):
-      for seed, rec in data["seeds"].items():
-        test, _ = compute.eval_prompts(task, config.grid.eval_seed, int(seed), int(config.grid.eval_prompts))
-        P, Q = jnp.asarray(rec["P"]), jnp.asarray(rec["Q"])
-        out = loop_readouts(P, Q, test.Z0, loops=T, d_out=int(task.d_out),
-                            n_queries=tasks.num_queries(task))
-        err = np.asarray(compute.per_prompt_error(out, test, task.kind))[-1]
-        A = np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
-        sigma_hat = np.asarray(test.X @ jnp.swapaxes(test.X, -1, -2)) / p["n"]
-        radius = np.max(np.abs(np.linalg.eigvals(np.eye(p["d"]) - sigma_hat @ A)), axis=-1)
-        top = np.sort(np.where(np.isfinite(err), err, np.inf))[::-1]
-        share = np.cumsum(top) / np.sum(top)
-        k90 = int(np.searchsorted(share, 0.9)) + 1
-        lines.append(f"{pid} seed {seed}: {k90} of {len(err)} prompts carry 90% of the mean "
-                     f"{np.mean(err):.3g} (median {np.median(err):.3g}); {int(np.sum(radius > 1))} "
-                     f"with spectral radius of I − Σ̂Â > 1; ||Â − Âᵀ||/||Â|| = "
-                     f"{np.linalg.norm(A - A.T) / np.linalg.norm(A):.2f}")
-        for name in ("gd", "pgd"):
-          tuned, oracle = rec["baselines"][name], rec["baselines"][name + "_hindsight"]
-          lines.append(f"{pid} seed {seed}: {name} with the step tuned on {config.grid.tune_prompts} "
-                       f"other prompts ({tuned['step']:.3g}): mean {tuned['error'][T - 1]:.3g}, "
-                       f"{tuned['error'][T - 1] / oracle['error'][T - 1]:.3f}x the hindsight "
-                       f"step's ({oracle['step']:.3g})")
-  return lines
-
-
-def _spectral(task, batch, name):
+def baseline_spectrum(task, batch, name):
+  """GD's (`name` "gd") or PGD's ("pgd": whitened by Σ⁻¹) closed-form decomposition of `batch`."""
   kind = step_rules.error_kind(task.kind)
   tgt = batch.W_star if kind == "relative" else batch.targets
   return spectral.decompose(batch.X, batch.Y, batch.X_query, tgt, kind=kind,
@@ -199,7 +163,7 @@ def tuned_steps(config, task, T: int) -> dict:
   key = jax.random.fold_in(jax.random.key(int(config.grid.eval_seed)), 10**6)
   batch = tasks.sample(key, task, int(config.grid.tune_prompts))
   kind = step_rules.error_kind(task.kind)
-  return {name: float(spectral.tune_constant_step(_spectral(task, batch, name), [T], kind=kind,
+  return {name: float(spectral.tune_constant_step(baseline_spectrum(task, batch, name), [T], kind=kind,
                                                   shoulder=None)[0][0])
           for name in ("gd", "pgd")}
 
