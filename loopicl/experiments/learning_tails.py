@@ -33,7 +33,8 @@ def tail_report(config, workdir: str) -> list[str]:
   """Which prompts decide each finished seed's mean at T: one line per (setting, seed) with the
   number of held-out prompts that carry 90% of the mean, the mean and median, how many prompts
   have a spectral radius of I − Σ̂Â above 1 (outside the loop's stability region: their error
-  grows with t), and the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner (float64);
+  grows with t), the asymmetry ||Â − Âᵀ||/||Â|| of the implied preconditioner, the eigenvalues
+  of its symmetric part and how many prompts that part alone leaves outside (float64);
   then GD's and PGD's mean on the seed's prompts at the table's step (tuned on other prompts)
   against the hindsight step's: how much of an oracle the hindsight baseline is."""
   lines = []
@@ -49,13 +50,17 @@ def tail_report(config, workdir: str) -> list[str]:
         err = np.asarray(compute.per_prompt_error(out, test, task.kind))[-1]
         A = np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
         radius = _radius(test.X, A)
+        sym = (A + A.T) / 2  # Â's symmetric part: the preconditioned-GD step it contains
+        sym_eig = np.linalg.eigvalsh(sym)
+        sym_unstable = int(np.sum(_radius(test.X, sym) > 1))
         top = np.sort(np.where(np.isfinite(err), err, np.inf))[::-1]
         share = np.cumsum(top) / np.sum(top)
         k90 = int(np.searchsorted(share, 0.9)) + 1
         lines.append(f"{pid} seed {seed}: {k90} of {len(err)} prompts carry 90% of the mean "
                      f"{np.mean(err):.3g} (median {np.median(err):.3g}); {int(np.sum(radius > 1))} "
                      f"with spectral radius of I − Σ̂Â > 1; ||Â − Âᵀ||/||Â|| = "
-                     f"{np.linalg.norm(A - A.T) / np.linalg.norm(A):.2f}")
+                     f"{np.linalg.norm(A - A.T) / np.linalg.norm(A):.2f}; symmetric part's eigenvalues "
+                     f"{sym_eig[0]:.3g}–{sym_eig[-1]:.3g}, {sym_unstable} prompts outside with it alone")
         for name in ("gd", "pgd"):
           tuned, oracle = rec["baselines"][name], rec["baselines"][name + "_hindsight"]
           lines.append(f"{pid} seed {seed}: {name} with the step tuned on {config.grid.tune_prompts} "
