@@ -44,11 +44,8 @@ def tail_report(config, workdir: str) -> list[str]:
     with jax.enable_x64(True):
       for seed, rec in data["seeds"].items():
         test, _ = compute.eval_prompts(task, config.grid.eval_seed, int(seed), int(config.grid.eval_prompts))
-        P, Q = jnp.asarray(rec["P"]), jnp.asarray(rec["Q"])
-        out = loop_readouts(P, Q, test.Z0, loops=T, d_out=int(task.d_out),
-                            n_queries=tasks.num_queries(task))
-        err = np.asarray(compute.per_prompt_error(out, test, task.kind))[-1]
-        A = np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
+        P, Q, A = _model(rec, task)
+        err = _error_at(P, Q, test, task, T)
         radius = _radius(test.X, A)
         sym = (A + A.T) / 2  # Â's symmetric part: the preconditioned-GD step it contains
         sym_eig = np.linalg.eigvalsh(sym)
@@ -68,6 +65,18 @@ def tail_report(config, workdir: str) -> list[str]:
                        f"{tuned['error'][T - 1] / oracle['error'][T - 1]:.3f}x the hindsight "
                        f"step's ({oracle['step']:.3g})")
   return lines
+
+
+def _model(rec: dict, task):
+  """(P, Q, Â) of a point's seed record: the weights (float64 under x64) and Â as numpy."""
+  P, Q = jnp.asarray(rec["P"]), jnp.asarray(rec["Q"])
+  return P, Q, np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
+
+
+def _error_at(P, Q, batch, task, T: int) -> np.ndarray:
+  """The model's error per prompt after T loops: [prompts]."""
+  out = loop_readouts(P, Q, batch.Z0, loops=T, d_out=int(task.d_out), n_queries=tasks.num_queries(task))
+  return np.asarray(compute.per_prompt_error(out, batch, task.kind))[-1]
 
 
 def _radius(X, A: np.ndarray) -> np.ndarray:
@@ -90,15 +99,12 @@ def population_report(config, workdir: str, prompts: int) -> list[str]:
     base = {"gd": [], "pgd": []}
     steps = {name: data["seeds"][seeds[0]]["baselines"][name]["step"] for name in base}
     with jax.enable_x64(True):
+      models = {s: _model(data["seeds"][s], task) for s in seeds}
       key = jax.random.fold_in(jax.random.key(int(g.eval_seed)), POPULATION_STREAM)
       for c in range(-(-int(prompts) // CHUNK)):
         batch = tasks.sample(jax.random.fold_in(key, c), task, min(CHUNK, int(prompts) - c * CHUNK))
-        for s in seeds:
-          P, Q = jnp.asarray(data["seeds"][s]["P"]), jnp.asarray(data["seeds"][s]["Q"])
-          out = loop_readouts(P, Q, batch.Z0, loops=T, d_out=int(task.d_out),
-                              n_queries=tasks.num_queries(task))
-          errors[s].append(np.asarray(compute.per_prompt_error(out, batch, task.kind))[-1])
-          A = np.asarray(weights.implied_preconditioner(P, Q, int(task.d_out)))
+        for s, (P, Q, A) in models.items():
+          errors[s].append(_error_at(P, Q, batch, task, T))
           radius[s] += int(np.sum(_radius(batch.X, A) > 1))
         for name in base:
           base[name].append(np.asarray(spectral.errors(
@@ -113,7 +119,7 @@ def population_report(config, workdir: str, prompts: int) -> list[str]:
                       pgd[:sets * size].reshape(sets, size).mean(1))
     for s in seeds:
       e = np.concatenate(errors[s])
-      flips = e[:sets * size].reshape(sets, size).mean(1) / best > float(g.target) if sets else np.array([])
+      flips = e[:sets * size].reshape(sets, size).mean(1) / best > float(g.target)  # [sets]
       lines.append(f"{pid} seed {s}: mean {e.mean() / ref_mean:.3g}x min(GD, PGD), median "
                    f"{np.median(e) / ref_median:.3g}x; largest error {e.max():.3g}; {radius[s]} prompts "
                    f"with spectral radius of I − Σ̂Â > 1; mean above {g.target:g}x on "
