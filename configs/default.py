@@ -4,8 +4,9 @@ The recipe (docs/learning.md, chosen by measurement): P_yy, Q_xx ~ N(0, (1e-6)²
 construction's blocks, are the only ones updated (the others start and stay at 0); a loop
 curriculum 1 → T, one loop every 100 steps, then 500 + 1000·√κ_Σ steps at T (train.steps follows
 model.loops and task.condition_number); SOAP (Adam in the eigenbasis of Shampoo's factors) 1e-2
-with β2 = 0.99, a cosine schedule and gradient clipping at 10; tail-holding batches (the 1/8 of each batch with the largest whitened λ_max(Σ̂),
-from 8× as many candidates, at their true weight); up to 5 non-finite steps in a row skipped.  The
+with β2 = 0.99, a cosine schedule and gradient clipping at 100; tail-holding batches (the 1/8
+of each batch with the largest whitened λ_max(Σ̂), from 8× as many candidates — 64× at T ≥ 20
+with n < 2d — at their true weight); up to 5 non-finite steps in a row skipped.  The
 default run (T = 5) takes under a minute on a 2-core CPU and ends below GD with the best constant
 step; every evaluation also reads the model at loops 1 … 4T.
 
@@ -23,9 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The in-context task distribution (docs/theory.md §1).
   config.task = tasks.default_config()
   config.task.kind = "linear_regression"  # linear_regression | vector_generation | concept_classification
-  config.task.d = 10                # input dimension
+  d = ml_collections.FieldReference(10, field_type=int)
+  n = ml_collections.FieldReference(40, field_type=int)
+  config.task.d = d                 # input dimension
   config.task.d_out = 1             # output dimension
-  config.task.n_context = 40        # in-context examples per prompt (n = 4d: κ̂ ≈ 9)
+  config.task.n_context = n         # in-context examples per prompt (n = 4d: κ̂ ≈ 9)
   config.task.n_queries = 1         # query columns per prompt (vector_generation uses d)
   kappa = ml_collections.FieldReference(1.0, field_type=float)
   config.task.condition_number = kappa  # κ_Σ of the input covariance (1: isotropic)
@@ -73,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.adam_b2 = 0.99       # adam / adamw / soap: decay of the second moment v.  0.999 stalls
                                     # where the loss falls by decades (n/d = 8, T = 20: 511× PGD)
   config.train.adam_eps = 1e-8       # adam / adamw / soap: ε of the denominator √v + ε
-  config.train.grad_clip = 10.0     # global-norm clipping (0: off).  1 cuts the tail's gradient
-                                    # (n/d = 1.5, T = 20: the mean 10³-10⁵× GD's; docs/learning.md)
+  config.train.grad_clip = 100.0    # global-norm clipping (0: off), a guard against one extreme batch.
+                                    # Lower, it cuts the tail's gradient: 1 left n/d = 1.5, T = 20 at
+                                    # 10³-10⁵× GD's mean, 10 at 2-12× over 65 536 prompts (docs/learning.md)
   config.train.weight_decay = 0.0   # adamw only
   config.train.momentum = 0.9       # sgd only
   config.train.shampoo_decay = 0.99  # soap only: EMA decay of the factors GGᵀ, GᵀG
@@ -88,11 +92,16 @@ def get_config() -> ml_collections.ConfigDict:
                                     # construction's blocks) move, the rest stays at init (0: off, -1: the
                                     # whole run).  -1 by default: the other blocks, once free, grow to ~1/3 of
                                     # the weight and end 3-900x above GD/PGD (docs/learning.md)
-  config.train.tail_pool = 8         # tail-holding batches: draw each batch from tail_pool·batch_size
-  config.train.tail_prompts = batch // 8  # candidates, always keep the tail_prompts of largest whitened
-                                    # λ_max(Σ̂), weighted to their true share (unbiased; linear family,
-                                    # loopicl/linear/tail_sampling.py).  1 / 0: uniform batches, which
-                                    # at n/d = 1.5, T = 20 miss the mean on 4 of 4 seeds (docs/learning.md)
+  # Tail-holding batches: draw each batch from tail_pool·batch_size candidates, always keep the
+  # tail_prompts of largest whitened λ_max(Σ̂), weighted to their true share (unbiased; linear
+  # family, loopicl/linear/tail_sampling.py).  1 / 0: uniform batches, which at n/d = 1.5, T = 20
+  # miss the mean on 4 of 4 seeds.  The pool is 8, and 64 where the loops are deep (T ≥ 20) on few
+  # examples (d ≤ n < 2d): there the prompts that decide the mean are ~0.1% of the population and
+  # with 8, 3 of 4 seeds ended at 1.7-12× GD's mean over 65 536 prompts; 64 costs ~4× the step, so
+  # only there (docs/learning.md).  In integers: (T // 20)·((2d − 1) // n) is 1 exactly there for
+  # d ≤ 20, n ≥ d, T ≤ 39 (more candidates deeper or with fewer examples still).
+  config.train.tail_pool = 8 + 56 * (loops // 20) * ((2 * d - 1) // n)
+  config.train.tail_prompts = batch // 8
   config.train.nonfinite_skips = 5  # skip up to this many non-finite steps in a row (state unchanged,
                                     # next batch) before the run stops with its last good state
   config.train.steps_per_call = 50  # optimizer steps per jitted call (lax.scan): amortises dispatch
