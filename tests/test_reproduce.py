@@ -340,3 +340,29 @@ def test_grid_fields_of_the_regime_fail_in_one_line(field, value):
   with pytest.raises(reproduce.GridError, match=f"config.grid.{field}=") as err:
     reproduce.validate(config)
   assert "\n" not in str(err.value) and "allowed" in str(err.value)
+
+
+def test_sweep_compiled_ahead_equals_jit_chunks():
+  """train_seeds runs the programs `sweep.compile_ahead` built on worker threads; they are the
+  programs jax.jit builds for the same chunks: the same parameters, bit for bit, across a loop
+  curriculum (one program per loop count, each compiled once)."""
+  config = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 20,
+                          "train.steps": 50, "train.steps_per_call": 20})
+  seeds = [0, 3]
+  result = sweep.train_seeds(config, seeds)
+  family = family_lib.of(config)
+  tx = train.family_optimizer(family)
+  plan = train.chunk_plan(config)
+  assert sorted({(loops, length) for _, length, loops in plan}) == [(1, 20), (2, 10), (2, 20)]  # T = 2
+  model_def, states = sweep.init_states(family, tx, seeds)
+  bad = jnp.full((len(seeds),), -1, jnp.int32)
+  chunks = {}
+  for first, length, loops in plan:
+    if loops not in chunks:
+      chunks[loops] = sweep.make_sweep_chunk(family, model_def, tx, int(config.train.batch_size), loops)
+    states, bad, _ = chunks[loops](states, bad, jnp.int32(first), length)
+  for name, leaf in jax.device_get(states["params"]).items():
+    np.testing.assert_array_equal(result.params[name], leaf)
+  programs = sweep.compile_ahead(plan, lambda loops: chunks[loops], states, bad, workers=2)
+  assert set(programs) == {(1, 20), (2, 10), (2, 20)}
+  assert all(f.result() is not None for f in programs.values())
