@@ -1,12 +1,13 @@
 """The loop as one fused CPU kernel (`model.kernel = "cpu"`): build, register, differentiate.
 
 `looped_attention.cc` computes the same T loops as `loopicl.linear.model.loop_readouts` (reassociated
-form) and their backward pass, with the batch as the SIMD lane; see its header for why.  A third
-handler scores the tail-holding sampler's candidate prompts (`gram_lambda_max`, for
-loopicl/linear/tail_sampling.py): the same small-matrix work, the same reason.  This
-module compiles it on first use with the machine's C++ compiler (`-O3 -march=native`, so the
-library is built for, and cached per, the CPU it runs on), registers its three handlers with XLA
-through `jax.ffi`, and wraps the loop's two in a `jax.custom_vjp`.
+form) and their backward pass, with the batch as the SIMD lane; see its header for why.  Its
+sibling `candidates.cc` draws and scores the tail-holding sampler's candidate prompts
+(`candidate_scores`, `candidate_inputs`, for loopicl/linear/tail_sampling.py): Philox4x32-10
+normals made per candidate in the SIMD lanes, never stored.  Both include `simd.h`.  This
+module compiles them into one library on first use with the machine's C++ compiler (`-O3
+-march=native`, so the library is built for, and cached per, the CPU it runs on), registers its
+four handlers with XLA through `jax.ffi`, and wraps the loop's two in a `jax.custom_vjp`.
 
 Cache: $LOOPICL_KERNEL_CACHE, else ~/.cache/loopicl/kernels; one .so per (source, compiler,
 flags, JAX headers, CPU features) hash, written to a temporary name and renamed into place, so
@@ -37,10 +38,13 @@ import numpy as np
 
 from loopicl.errors import ConfigError
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "looped_attention.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = tuple(os.path.join(_HERE, f) for f in ("looped_attention.cc", "candidates.cc"))
+HEADERS = (os.path.join(_HERE, "simd.h"),)
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGETS = {"forward": "loopicl_loop_forward", "backward": "loopicl_loop_backward",
-            "gram_lambda_max": "loopicl_gram_lambda_max"}
+            "candidate_scores": "loopicl_candidate_scores",
+            "candidate_inputs": "loopicl_candidate_inputs"}
 
 
 class KernelUnavailable(ConfigError):
@@ -83,8 +87,10 @@ def _build() -> str:
   compiler = _compiler()
   flags = _flags()
   include = jax.ffi.include_dir()
-  with open(SOURCE, "rb") as f:
-    source = f.read()
+  source = b""
+  for name in SOURCES + HEADERS:
+    with open(name, "rb") as f:
+      source += f.read()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
       source, compiler, version, " ".join(flags), include, jax.__version__, _cpu_features()))).hexdigest()
@@ -97,11 +103,11 @@ def _build() -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
   os.close(fd)
   try:
-    result = subprocess.run([compiler, *flags, f"-I{include}", SOURCE, "-o", tmp],
+    result = subprocess.run([compiler, *flags, f"-I{include}", *SOURCES, "-o", tmp],
                             capture_output=True, text=True)
     if result.returncode != 0:
       first = (result.stderr.strip().splitlines() or ["no output"])[0]
-      raise KernelUnavailable(f"model.kernel='cpu': building {os.path.basename(SOURCE)} failed "
+      raise KernelUnavailable(f"model.kernel='cpu': building {', '.join(map(os.path.basename, SOURCES))} failed "
                               f"({first}); allowed: fix the compiler, or model.kernel='xla'")
     os.replace(tmp, path)
   finally:
@@ -118,8 +124,9 @@ def lanes() -> int:
                               platform="cpu")
   jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.LoopiclBackward),
                               platform="cpu")
-  jax.ffi.register_ffi_target(_TARGETS["gram_lambda_max"],
-                              jax.ffi.pycapsule(library.LoopiclGramLambdaMax), platform="cpu")
+  for name, symbol in (("candidate_scores", library.LoopiclCandidateScores),
+                       ("candidate_inputs", library.LoopiclCandidateInputs)):
+    jax.ffi.register_ffi_target(_TARGETS[name], jax.ffi.pycapsule(symbol), platform="cpu")
   library.loopicl_lanes.restype = ctypes.c_int64
   return int(library.loopicl_lanes())
 
@@ -180,19 +187,28 @@ def _fused_bwd(n_context, d_out, loops, remat, threads, saved, readout_cotangent
 fused_readouts.defvjp(_fused_fwd, _fused_bwd)
 
 
-def gram_lambda_max(G, d: int, n: int, iterations: int, threads: int = 0):
-  """(λ_max((1/n) G_c G_cᵀ) per candidate c, G): the score by `iterations` power iterations, as
-  `tail_sampling.gram_lambda_max` computes it on the XLA path, and G itself, aliased.
-  G: [..., count·d·n], the candidates' d × n Gaussians flat (row-major, as drawn: no layout
-  copy) → ([..., count], G).  Read the chosen candidates from the returned G: XLA then gathers
-  from the drawn buffer instead of fusing the draw into the gather (which redoes the normals'
-  erf⁻¹ per gathered element, ~16 ms a step at d = 10, n = 80).  float32, not differentiable
-  (sampling only).  `threads`: 0 is XLA's intra-op pool size + 1."""
+def candidate_scores(key_data, count: int, d: int, n: int, iterations: int, threads: int = 0):
+  """λ_max((1/n) G_c G_cᵀ) of the candidates c = 0 … count − 1 of `key_data` [..., 2] (uint32) →
+  [..., count] float32: candidate c's inputs G_c [d, n] are `prng.philox_normals(key_data, c, d, n)`,
+  drawn in the kernel and never stored (candidates.cc); the score is the sampler's power
+  iteration with `iterations` products.  Not differentiable (sampling only).  `threads`: 0 is
+  XLA's intra-op pool size + 1."""
   lanes()  # registered before the call is traced
-  count = G.shape[-1] // (d * n)
-  G = G.astype(jnp.float32)
+  key_data = jnp.asarray(key_data, jnp.uint32)
   return jax.ffi.ffi_call(
-      _TARGETS["gram_lambda_max"],
-      (jax.ShapeDtypeStruct(G.shape[:-1] + (count,), jnp.float32), jax.ShapeDtypeStruct(G.shape, jnp.float32)),
-      vmap_method="broadcast_all", input_output_aliases={0: 1},
-  )(G, d=np.int64(d), n=np.int64(n), iterations=np.int64(iterations), threads=np.int64(threads))
+      _TARGETS["candidate_scores"],
+      jax.ShapeDtypeStruct(key_data.shape[:-1] + (count,), jnp.float32), vmap_method="broadcast_all",
+  )(key_data, count=np.int64(count), d=np.int64(d), n=np.int64(n), iterations=np.int64(iterations),
+    threads=np.int64(threads))
+
+
+def candidate_inputs(key_data, chosen, d: int, n: int, threads: int = 0):
+  """The inputs G_c [d, n] of the candidates `chosen` [..., k] (int32) of `key_data` [..., 2]:
+  [..., k, d, n] float32, bit for bit the ones `candidate_scores` scored."""
+  lanes()
+  key_data = jnp.asarray(key_data, jnp.uint32)
+  chosen = jnp.asarray(chosen, jnp.int32)
+  return jax.ffi.ffi_call(
+      _TARGETS["candidate_inputs"],
+      jax.ShapeDtypeStruct(chosen.shape + (d, n), jnp.float32), vmap_method="broadcast_all",
+  )(key_data, chosen, d=np.int64(d), n=np.int64(n), threads=np.int64(threads))

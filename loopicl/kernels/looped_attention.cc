@@ -1,5 +1,5 @@
-// The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI); and,
-// at the end, the tail-holding sampler's candidate score (GramLambdaMax).
+// The looped linear transformer's loop, forward and backward, as one CPU kernel (XLA FFI).  The
+// tail-holding sampler's candidate draw is its sibling, candidates.cc; both share simd.h.
 //
 // Same math as loopicl/linear/model.py (reassociated form), per prompt and loop t:
 //
@@ -36,22 +36,23 @@
 #include <utility>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using loopicl::kLanes;
+using loopicl::vec;
+using loopicl::splat;
+using loopicl::ParallelBlocks;
+
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
 constexpr int kTile = 4;  // 4 × 4 accumulators + 8 operands fit the 32 vector registers
 #else
-constexpr int kLanes = 8;
 constexpr int kTile = 3;  // 16 registers (AVX2 / NEON-sized): 3 × 3 accumulators + 6 operands
 #endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vec splat(float x) { return vec{} + x; }
 
 // Operands of the small products: a matrix of lane vectors (R: read, V: written), or of scalars
 // shared by all lanes (S), addressed through (row, column) strides so that a transpose is only a
@@ -242,42 +243,6 @@ void BackwardBlock(const Shape& s, const float* P_over_n, const float* Q, const 
   }
 }
 
-// Runs body(block, worker) for every block, on the caller and on up to workers − 1 pool threads.
-// The caller never waits for a pool task that has not started (the pool may be busy with other
-// work, possibly another call like this one): a task that starts after the caller has finished
-// finds the call closed and returns without touching it.
-struct Join {
-  std::mutex mutex;
-  std::condition_variable done;
-  int64_t active = 0;
-  bool closed = false;
-};
-
-template <class Body>
-void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, int64_t workers, Body body) {
-  workers = std::max<int64_t>(1, std::min(blocks, workers));
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t worker) {
-    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) body(b, worker);
-  };
-  auto join = std::make_shared<Join>();
-  std::function<void(int64_t)> run = work;
-  for (int64_t w = 1; w < workers; ++w)
-    pool.Schedule([join, &run, w] {
-      {
-        std::lock_guard<std::mutex> lock(join->mutex);
-        if (join->closed) return;
-        ++join->active;
-      }
-      run(w);
-      std::lock_guard<std::mutex> lock(join->mutex);
-      if (--join->active == 0) join->done.notify_all();
-    });
-  work(0);
-  std::unique_lock<std::mutex> lock(join->mutex);
-  join->closed = true;
-  join->done.wait(lock, [&] { return join->active == 0; });
-}
 
 // What both handlers start from: the shape (checked), P / n per model, and how many workers.
 // Models: any leading dimensions of P, Q [..., D, D] and Z0 [..., batch, D, N] (vmap over seeds
@@ -387,80 +352,6 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-// The tail-holding sampler's score (loopicl/linear/tail_sampling.py): for each candidate's
-// Gaussian inputs G [d, n], λ_max(S), S = G Gᵀ / n, by the sampler's power iteration (start at the
-// column of S of largest norm, `iterations` products, then the Rayleigh quotient).  Why here:
-// XLA's CPU backend runs 1024 × 4 of these small products as batched dots, and fuses the normal
-// draw's erf⁻¹ into loops over a short minor axis, at 25–50 ms a training step.  G comes flat as
-// drawn, so XLA adds no layout copy: G: [..., count·d·n] (candidate-major, row-major d × n)
-// → [..., count], and G again (aliased: the caller reads the chosen candidates from the drawn
-// buffer, where XLA would otherwise fuse the draw into that gather and redo erf⁻¹ per element).  Candidates are the SIMD lanes (as prompts are in the loop).
-ffi::Error GramLambdaMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> G, int64_t d, int64_t n,
-                         int64_t iterations, int64_t threads, ffi::ResultBuffer<ffi::F32> out,
-                         ffi::ResultBuffer<ffi::F32> G_out) {
-  auto gd = G.dimensions();
-  const size_t rank = gd.size();
-  if (rank < 1 || d < 1 || n < 1 || gd[rank - 1] % (d * n) != 0)
-    return ffi::Error::InvalidArgument("G must be [..., count·d·n]");
-  const int64_t count = gd[rank - 1] / (d * n);
-  int64_t batch = 1;
-  for (size_t i = 0; i + 1 < rank; ++i) batch *= gd[i];
-  const float* gs = G.typed_data();
-  float* o = out->typed_data();
-  if (G_out->typed_data() != gs)  // aliased with G (no copy) unless XLA could not alias it
-    std::memcpy(G_out->typed_data(), gs, sizeof(float) * G.element_count());
-  // A block is kLanes candidates of one batch element, stored lane-minor like the loop's prompts.
-  const int64_t per_batch = (count + kLanes - 1) / kLanes, blocks = batch * per_batch;
-  const int64_t workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
-  const vec inv_n = splat(1.0f / static_cast<float>(n));
-  ParallelBlocks(pool, blocks, workers, [&](int64_t b, int64_t) {
-    const int64_t a = b / per_batch, first = (b % per_batch) * kLanes;
-    const int64_t lanes = std::min<int64_t>(kLanes, count - first);
-    std::vector<vec> g(d * n, vec{}), S(d * d), v(d), w(d);
-    for (int64_t l = 0; l < lanes; ++l) {
-      const float* src = gs + (a * count + first + l) * d * n;
-      for (int64_t e = 0; e < d * n; ++e) g[e][l] = src[e];
-    }
-    for (int64_t i = 0; i < d; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        vec acc{};
-        for (int64_t m = 0; m < n; ++m) acc += g[i * n + m] * g[j * n + m];
-        S[i * d + j] = S[j * d + i] = acc * inv_n;
-      }
-    vec best_norm = splat(-1.0f);
-    for (int64_t i = 0; i < d; ++i) v[i] = vec{};
-    for (int64_t j = 0; j < d; ++j) {  // start at the column of largest norm (the first of ties)
-      vec norm{};
-      for (int64_t i = 0; i < d; ++i) norm += S[i * d + j] * S[i * d + j];
-      for (int64_t l = 0; l < kLanes; ++l)
-        if (norm[l] > best_norm[l]) {
-          best_norm[l] = norm[l];
-          for (int64_t i = 0; i < d; ++i) v[i][l] = S[i * d + j][l];
-        }
-    }
-    for (int64_t it = 0; it < iterations; ++it) {
-      vec norm{};
-      for (int64_t i = 0; i < d; ++i) {
-        vec acc{};
-        for (int64_t j = 0; j < d; ++j) acc += S[i * d + j] * v[j];
-        w[i] = acc;
-        norm += acc * acc;
-      }
-      vec inv{};
-      for (int64_t l = 0; l < kLanes; ++l) inv[l] = norm[l] > 0.0f ? 1.0f / std::sqrt(norm[l]) : 0.0f;
-      for (int64_t i = 0; i < d; ++i) v[i] = w[i] * inv;
-    }
-    vec q{};
-    for (int64_t i = 0; i < d; ++i) {
-      vec acc{};
-      for (int64_t j = 0; j < d; ++j) acc += S[i * d + j] * v[j];
-      q += v[i] * acc;
-    }
-    for (int64_t l = 0; l < lanes; ++l) o[a * count + first + l] = q[l];
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 // The attributes both handlers take, in this order after their buffers.
@@ -496,14 +387,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dP
                                   .Ret<ffi::Buffer<ffi::F32>>()    // dQ
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dZ0
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LoopiclGramLambdaMax, GramLambdaMax,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // G
-                                  .Attr<int64_t>("d")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("iterations")
-                                  .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()    // λ_max
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // G (aliased)

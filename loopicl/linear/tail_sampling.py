@@ -14,12 +14,15 @@ population mean: the objective is unchanged, only its estimate sees the tail in 
 The score is λ_max of the whitened sample covariance (1/n)·G Gᵀ, G = Σ^{-1/2} X: it depends on the
 prompt only (not on the model) and is the Marchenko–Pastur edge for κ_Σ = 1.
 
-Cost: the pool is pool · batch · d · n normals a step (4 seeds vmapped, d = 10, n = 40: 1.3 M)
-and their scores.  On the CPU with the fused kernel (`model.kernel` resolved to "cpu") the
-scores are one pass of loopicl/kernels (`gram_lambda_max`, the candidates as SIMD lanes) over
-the normals as drawn (flat: XLA's erf⁻¹ runs ~8× slower fused into a short minor axis), so the
-pool costs about its normals' draw.  Elsewhere XLA scores the same candidates with batched dots:
-the same scores up to rounding, the same batch but for near-ties at the tail's edge.
+The candidates: candidate c of a step is G_c = prng.philox_normals(pool key, c) — Philox4x32-10
+normals that are a pure function of (key, c, element) — so a candidate can be scored without
+the pool being stored, and the chosen ones drawn again for the batch.  On the CPU with the fused
+kernel (`model.kernel` resolved to "cpu") loopicl/kernels does both (`candidate_scores`: each
+candidate drawn and scored in the SIMD lanes; `candidate_inputs`: the chosen ones), ~2-3× faster
+than XLA's threefry draw of the same count plus the score (`python
+scripts/benchmark_tail_sampling.py`).  Elsewhere XLA draws the same candidates with jnp and
+scores them with batched dots: the same normals but for the last bit (log and FMA rounding),
+the same batch but for near-ties at the tail's edge.  The candidates are float32 normals.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from loopicl import prng
 from loopicl.linear import baselines, tasks
 
 
@@ -46,7 +50,7 @@ def whitened_lambda_max(X: jax.Array, task_config) -> jax.Array:
 
 def gram_lambda_max(G: jax.Array) -> jax.Array:
   """λ_max((1/n) G Gᵀ) per prompt, G [batch, d, n] -> [batch]: the score on the XLA path (the
-  fused kernel's `kernels.gram_lambda_max` computes the same on the CPU)."""
+  fused kernel's `kernels.candidate_scores` computes the same on the CPU)."""
   return _power_lambda_max(G @ jnp.swapaxes(G, -1, -2) / G.shape[-1])
 
 
@@ -82,22 +86,23 @@ def sample(key: jax.Array, task_config, batch_size: int, pool: int, tail: int,
   k_pool, k_w, k_q, k_eps = jax.random.split(key, 4)
   d, n, size = int(task_config.d), int(task_config.n_context), pool * batch_size
   dtype = jnp.result_type(float)
-  # The candidates' whitened inputs G [size, d, n] (X = Σ^{1/2} G: tasks.sample_inputs' draw),
-  # so the score needs no Σ^{-1/2}.
-  flat = jax.random.normal(k_pool, (size * d * n,), dtype)
+  # Candidate c's whitened inputs G_c [d, n] (X = Σ^{1/2} G: tasks.sample_inputs' distribution) are
+  # a pure function of (pool key, c) (prng.philox_normals), so the score needs no Σ^{-1/2} and the
+  # kernel never stores the pool: it scores each candidate as it draws it, then draws the chosen again.
+  pool_key = jax.random.key_data(k_pool)
   if kernel:
     from loopicl import kernels
-    score, flat = kernels.gram_lambda_max(flat, d, n, POWER_ITERATIONS)  # flat: the same, aliased
-    G = flat.reshape(size, d, n)
+    score = kernels.candidate_scores(pool_key, size, d, n, POWER_ITERATIONS)
   else:
-    G = flat.reshape(size, d, n)
-    score = gram_lambda_max(G)
+    candidates = prng.philox_normals(pool_key, jnp.arange(size), d, n)
+    score = gram_lambda_max(candidates)
   _, top = jax.lax.top_k(score, tail)
   in_tail = jnp.zeros(size, bool).at[top].set(True)
   # The first batch − tail of the others, in draw order, are a uniform draw from the others: the
   # candidates are exchangeable, so which indices the top `tail` took says nothing about the rest.
   rest = jnp.nonzero(~in_tail, size=batch_size - tail)[0]
-  chosen = jnp.concatenate([top, rest])
-  X = tasks.sqrt_sigma(task_config, dtype) @ G[chosen]
+  chosen = jnp.concatenate([top, rest]).astype(jnp.int32)
+  G = kernels.candidate_inputs(pool_key, chosen, d, n) if kernel else candidates[chosen]
+  X = tasks.sqrt_sigma(task_config, dtype) @ G.astype(dtype)
   batch = tasks.complete((k_w, k_q, k_eps), task_config, X)
   return batch._replace(weight=jnp.asarray(weights(batch_size, pool, tail), batch.X.dtype))
