@@ -1,6 +1,7 @@
-"""What one training batch costs to draw: uniform, and tail-holding with the candidates scored by
-XLA or by the fused CPU kernel (loopicl/linear/tail_sampling.py; training on one CPU device uses
-the kernel).  K seeds vmapped, as the sweep and the learning table draw them; milliseconds per
+"""What one training batch costs to draw: uniform, and tail-holding with the candidates drawn and
+scored by XLA (jnp Philox, batched dots) or by the fused CPU kernel, which draws and scores each
+candidate in its SIMD lanes (loopicl/linear/tail_sampling.py; training on one CPU device uses the
+kernel).  K seeds vmapped, as the sweep and the learning table draw them; milliseconds per
 step (one draw for all seeds), median of `--repeats` timings.
 
   python scripts/benchmark_tail_sampling.py                       # d = 10, n ∈ {15, 40, 80}; d = 20, n ∈ {40, 80}
@@ -19,7 +20,7 @@ from loopicl.linear import tail_sampling, tasks
 flags.DEFINE_list("shapes", ["10x15", "10x40", "10x80", "20x40", "20x80"], "d x n of the task")
 flags.DEFINE_integer("seeds", 4, "seeds vmapped (the table trains 4)")
 flags.DEFINE_integer("batch_size", 128, "prompts per batch")
-flags.DEFINE_integer("pool", 8, "candidates per batch prompt (train.tail_pool)")
+flags.DEFINE_integer("pool", 8, "candidates per batch prompt (train.tail_pool; the default is 64 at T >= 20, d <= n < 2d)")
 flags.DEFINE_integer("repeats", 30, "timed draws")
 FLAGS = flags.FLAGS
 
@@ -40,7 +41,7 @@ def main(_):
   keys = jax.random.split(jax.random.key(0), FLAGS.seeds)
   print(f"ms per step, {FLAGS.seeds} seeds vmapped, batch {B}, {pool}·{B} candidates, tail {tail} "
         f"({jax.devices()[0].platform})")
-  print("d    n    uniform   tail, XLA score   tail, kernel score")
+  print("d    n    uniform   tail, XLA         tail, kernel")
   for shape in FLAGS.shapes:
     d, n = (int(x) for x in shape.split("x"))
     task = default.get_config().task
