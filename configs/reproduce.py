@@ -1,13 +1,14 @@
-"""The full reproduction grid: the paper's claim in its own regime, ≤ 30 min on a 2-core CPU.
+"""The full reproduction grid: the paper's claim in its own regime, ~31 min on a 2-core CPU.
 
 Both task kinds; n/d ∈ {1, 1.5, 2, 4, 8} at d ∈ {5, 10, 20, 40, 80} (κ_Σ = 1) for the GD
 construction's step rules in closed form at T up to 200 (the tuned-step rules at d ≤ 20:
 `grid.tuned_max_d`; their 2 × 65 536-prompt scans are O(d³) per prompt); at d = 10
 (`grid.trained_ds`) also κ_Σ ∈ {10, 100} at n/d = 4, label noise σ = 0.5 over the n/d sweep
-(linear regression), trained models (at n/d ∈ {2, 8}: one per setting, trained at T = 20
-with the loss on every loop, read at every T ≤ 20) and the reference ladder; 4 seeds × 2048
-held-out prompts, all seeds of a trained point in one vmapped program (loopicl/sweep.py), split
-over the 2 host CPU devices.  The docs figures
+(linear regression), trained models — from random initialisation with the default recipe (at
+n/d ∈ {2, 8}: one per setting, trained at T = 20 with the loss on every loop, read at every
+T ≤ 20) — and the reference ladder; 4 seeds × 2048 held-out prompts, all seeds of a trained
+point in one vmapped program (loopicl/sweep.py) on one CPU device (the fused kernel).  The
+GD-warm-started grid: configs/reproduce_warm.py.  The docs figures
 (docs/reproduction.md) come from this grid.  Rerunning the same command resumes (finished
 points in <workdir>/points/ are skipped).
 
@@ -19,38 +20,14 @@ from configs import default
 
 
 def experiment() -> ml_collections.ConfigDict:
-  """The training recipe of every trained point (task.kind/d/n/κ and model.loops set per point).
-
-  The GD warm start — P, Q start at the GD construction with the small step η₀ = init_step plus
-  N(0, init_scale²) noise, so every loop is contractive at step 0 — and a loop curriculum (one
-  more loop every 40 steps).  With `grid.train_mode = "window"` the loss is the MSE of *every*
-  loop, each divided by GD's error after as many steps (`loss_normalization = "gd"`): that is
-  what makes T = 20 train (d = 10, n = 40, 4 seeds: 0/4 diverged, 0.036× the tuned construction's
-  mean error at T = 20 after 1000 steps; docs/reproduction.md §8).
+  """The training recipe of every trained point (task.kind/d/n/κ and model.loops set per point):
+  the default's, from random initialisation (configs/default.py, docs/learning.md) — its step
+  count and candidate pool follow T, κ_Σ, d and n.  With `grid.train_mode = "window"` the grid sets
+  the loss to the MSE of *every* loop, each divided by GD's error after as many steps
+  (`loss_normalization = "gd"`), so one model trained at T = 20 is read at every T ≤ 20.  The GD
+  warm start the grid was first measured with is configs/reproduce_warm.py.
   """
-  c = default.get_config()
-  c.model.parameterization = "full"
-  c.model.init = "gd"               # warm start at the GD construction (+ noise)
-  c.model.init_step = 0.1           # η₀: contractive on every prompt at n ≥ d
-  c.model.init_scale = 0.01         # the noise on every entry of P and Q
-  c.train.steps = 1000
-  c.train.batch_size = 64
-  c.train.learning_rate = 2e-3
-  c.train.warmup_steps = 100
-  c.train.schedule = "cosine"
-  c.train.grad_clip = 1.0
-  c.train.optimizer = "adam"        # the grid as docs/reproduction.md measured it (the default is SOAP)
-  c.train.adam_b2 = 0.999           # the grid as docs/reproduction.md measured it: Adam's defaults,
-  c.train.tail_pool = 1             # uniform batches, a non-finite step stops the seed
-  c.train.tail_prompts = 0
-  c.train.nonfinite_skips = 0
-  c.train.curriculum_start = 1      # loop curriculum 1 → T …
-  c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760);
-  c.train.curriculum_increment = 1  # two every 50 halves the compiles but diverged (n/d = 4, 8)
-  c.train.steps_per_call = 40       # = curriculum_every: one chunk length, one compile per T
-  c.train.construction_steps = 0    # every block of P and Q trained (the default masks all but the
-                                    # construction's blocks; docs/learning.md)
-  return c
+  return default.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -76,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
                                                 # the window loss diverged there (an earlier grid)
   config.grid.weight_loops = ()                 # window: also train at these T (n/d = fixed_n_over_d) for
                                                 # the weights-vs-T figure (weights.csv; no error rows)
-  config.grid.cpu_devices = 2                   # host CPU devices the seeds are split over (0: one)
+  config.grid.cpu_devices = 0                   # host CPU devices the seeds are split over (0: one,
+                                                # where the fused CPU kernel trains them)
   config.grid.figures = True                    # write the PNG figures into the workdir
   config.grid.trained_ds = (10,)                # d with trained models, κ_Σ > 1 and noisy settings
   config.grid.trained_n_over_d = (2.0, 8.0)     # n/d with trained models at κ_Σ = 1 (4.0 too: +2 min)

@@ -2,8 +2,8 @@
 
 Linear regression, d = 10, n/d ∈ {1, 1.5, 2, 4, 8}, κ_Σ = 1: the five step rules of the GD
 construction (tuned η on 65 536 prompts, validated on 65 536 others; η = 1/λ₊; η = 2/(λ₋+λ₊); each prompt's
-oracle η_i; c·Σ⁻¹) in closed form at T up to 200, and at n/d ∈ {2, 8} a `full` model trained at
-T = 20 (the `configs/reproduce.py` recipe, window mode) read at T ≤ 20, all on the same 2 seeds ×
+oracle η_i; c·Σ⁻¹) in closed form at T up to 200, and at n/d ∈ {2, 8} a model trained from random
+init at T = 20 (the default recipe, window mode: configs/reproduce.py) read at T ≤ 20, all on the same 2 seeds ×
 2048 held-out prompts; the cheap reference rungs (CG, Chebyshev, Newton–Schulz) at T ≤ 20.
 
   python scripts/reproduce.py --config configs/reproduce_quick.py --workdir runs/reproduce_quick

@@ -231,7 +231,7 @@ def run_benchmark_sweep():
 
 # -- scripts/reproduce.py -------------------------------------------------------------------------
 
-REPRODUCE_CONFIGS = "configs/reproduce.py | configs/reproduce_quick.py"
+REPRODUCE_CONFIGS = "configs/reproduce.py | configs/reproduce_quick.py | configs/reproduce_warm.py"
 
 
 def _reproduce_config():

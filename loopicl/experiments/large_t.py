@@ -1,6 +1,6 @@
 """Which training recipe makes a T = 20 looped transformer train: the table of docs/reproduction.md.
 
-Each recipe is the `configs/reproduce.py` experiment (GD warm start η₀ = 0.1, Adam 2e-3, 100
+Each recipe is the `configs/reproduce_warm.py` experiment (GD warm start η₀ = 0.1, Adam 2e-3, 100
 warm-up steps, cosine, clip 1, loop curriculum +1 loop every 40 steps, batch 64, 1000 steps) with
 a few overrides, trained on linear regression at d = 10, n = 40, T = 20 for 4 seeds in one
 vmapped program, through `reproduce.run` (so the GD reference is the grid's: best constant step
@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 
-from configs import reproduce as reproduce_config
+from configs import reproduce_warm as reproduce_config
 
 # name -> (grid.train_mode, experiment overrides)
 RECIPES = {
