@@ -35,6 +35,7 @@ namespace {
 
 using loopicl::kLanes;
 using loopicl::ParallelBlocks;
+using loopicl::Workers;
 using loopicl::splat;
 using loopicl::vec;
 
@@ -185,10 +186,6 @@ int64_t Models(ffi::Buffer<ffi::U32>& key) {
 bool PairMinor(ffi::Buffer<ffi::U32>& key) {
   auto dims = key.dimensions();
   return dims.size() >= 1 && dims[dims.size() - 1] == 2;
-}
-
-int64_t Workers(ffi::ThreadPool& pool, int64_t threads) {
-  return std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
 }
 
 ffi::Error CandidateScores(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key, int64_t count, int64_t d,

@@ -47,6 +47,7 @@ using loopicl::kLanes;
 using loopicl::vec;
 using loopicl::splat;
 using loopicl::ParallelBlocks;
+using loopicl::Workers;
 
 #if defined(__AVX512F__)
 constexpr int kTile = 4;  // 4 × 4 accumulators + 8 operands fit the 32 vector registers
@@ -276,7 +277,7 @@ ffi::Error Prepare(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> P, ffi::Buffer<f
   call.models = models;
   call.P_over_n.assign(P.typed_data(), P.typed_data() + models * s.D * s.D);
   for (float& x : call.P_over_n) x *= inv_n;
-  call.workers = std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
+  call.workers = Workers(pool, threads);
   return ffi::Error::Success();
 }
 

@@ -62,4 +62,9 @@ void ParallelBlocks(ffi::ThreadPool& pool, int64_t blocks, int64_t workers, Body
   join->done.wait(lock, [&] { return join->active == 0; });
 }
 
+// Workers of a call: the `threads` attribute, or (0) XLA's intra-op pool plus the caller thread.
+inline int64_t Workers(ffi::ThreadPool& pool, int64_t threads) {
+  return std::max<int64_t>(1, threads > 0 ? threads : pool.num_threads() + 1);
+}
+
 }  // namespace loopicl
