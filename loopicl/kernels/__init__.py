@@ -13,6 +13,14 @@ Cache: $LOOPICL_KERNEL_CACHE, else ~/.cache/loopicl/kernels; one .so per (source
 flags, JAX headers, CPU features) hash, written to a temporary name and renamed into place, so
 concurrent first uses in several processes are safe and a failed build leaves nothing behind.
 
+A build that cannot happen says why in one line (`KernelUnavailable`): a source or header
+missing from the installation (checked before compiling: the .cc files, `HEADERS` and every
+`#include "…"` they name that is not one of JAX's), no C++ compiler, the compiler's first error
+line, an unwritable cache directory, or a library that does not load.  The wheel must ship every
+one of these files (pyproject.toml's package-data; tests/test_packaging.py installs the wheel and
+runs the kernel from it).  A failure is remembered for the process (`lanes` does not rebuild on
+every call), and `model.kernel = "auto"` falls back to XLA with one warning (`warn_xla_fallback`).
+
 $LOOPICL_KERNEL_FLAGS adds compiler flags after the defaults (e.g. `-march=x86-64-v3` to build
 for AVX2 machines on an AVX-512 one; tests/test_kernel.py checks that build too).
 
@@ -26,8 +34,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -51,12 +61,66 @@ class KernelUnavailable(ConfigError):
   """The fused kernel cannot be built here (one line saying why and what is allowed instead)."""
 
 
+_PREFIX = "model.kernel='cpu'"
+_ALLOWED = "model.kernel='xla'"
+_COMPILERS = ("g++", "c++", "clang++")
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.M)
+
+
 def _compiler() -> str:
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-  if not compiler:
-    raise KernelUnavailable("model.kernel='cpu' needs a C++ compiler (g++, c++ or clang++, or $CXX); "
-                            "allowed: install one, or model.kernel='xla'")
-  return compiler
+  """$CXX (a name on $PATH or a path), else the first of g++, c++, clang++ on $PATH."""
+  requested = os.environ.get("CXX")
+  if requested:
+    found = shutil.which(requested)
+    if not found:
+      raise KernelUnavailable(f"{_PREFIX}: the C++ compiler $CXX={requested!r} was not found; allowed: "
+                              f"a $CXX that exists, unset $CXX (tries {', '.join(_COMPILERS)}), or {_ALLOWED}")
+    return found
+  for name in _COMPILERS:
+    found = shutil.which(name)
+    if found:
+      return found
+  raise KernelUnavailable(f"{_PREFIX}: no C++ compiler found (tried $CXX, {', '.join(_COMPILERS)}); "
+                          f"allowed: install one, or {_ALLOWED}")
+
+
+def _shown(path: str) -> str:
+  """A kernel file as the message names it: loopicl/kernels/<name> when it is one of ours."""
+  return f"loopicl/kernels/{os.path.relpath(path, os.path.dirname(SOURCES[0]))}"
+
+
+def _missing(path: str) -> KernelUnavailable:
+  return KernelUnavailable(
+      f"{_PREFIX}: the fused CPU kernel's source file {_shown(path)} is missing from this installation "
+      f"(looked for {path}); allowed: reinstall loopicl from a wheel or checkout that ships "
+      f"loopicl/kernels/*.cc and *.h, or {_ALLOWED}")
+
+
+def build_inputs(include: str | None = None) -> tuple[str, ...]:
+  """Every file the build reads: SOURCES, HEADERS and the `#include "…"` files they name (found
+  next to the including file; those under JAX's FFI include directory are JAX's, not ours).
+  Raises KernelUnavailable naming the first one that is missing."""
+  include = include if include is not None else jax.ffi.include_dir()
+  files, pending = [], list(SOURCES + HEADERS)
+  while pending:
+    path = os.path.normpath(pending.pop(0))
+    if path in files:
+      continue
+    try:
+      with open(path, "rb") as f:
+        text = f.read()
+    except FileNotFoundError:
+      raise _missing(path) from None
+    except OSError as e:
+      raise KernelUnavailable(f"{_PREFIX}: cannot read the kernel source {_shown(path)} ({e}); "
+                              f"allowed: reinstall loopicl, or {_ALLOWED}") from None
+    files.append(path)
+    for name in _INCLUDE.findall(text):
+      name = name.decode()
+      local = os.path.join(os.path.dirname(path), name)
+      if os.path.exists(local) or not os.path.exists(os.path.join(include, name)):
+        pending.append(local)  # ours (or nobody's: then it is reported missing, as ours)
+  return tuple(files)
 
 
 def _cpu_features() -> str:
@@ -74,52 +138,103 @@ def _flags() -> tuple[str, ...]:
   return FLAGS + tuple(os.environ.get("LOOPICL_KERNEL_FLAGS", "").split())
 
 
+def cache_dir() -> str:
+  return os.environ.get("LOOPICL_KERNEL_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "loopicl", "kernels")
+
+
 def library_path() -> str:
-  """Builds the kernel library if this machine has no cached build of this source; its path."""
-  try:
-    return _build()
-  except OSError as e:  # an unwritable cache, a compiler that cannot start
-    raise KernelUnavailable(f"model.kernel='cpu': cannot build the kernel ({e}); allowed: a "
-                            "writable $LOOPICL_KERNEL_CACHE, or model.kernel='xla'") from None
+  """Builds the kernel library if this machine has no cached build of this source; its path.
 
-
-def _build() -> str:
+  Raises KernelUnavailable (one line naming the cause) when it cannot."""
+  include = jax.ffi.include_dir()
+  inputs = build_inputs(include)  # before anything else: a missing file is the cause to name
   compiler = _compiler()
   flags = _flags()
-  include = jax.ffi.include_dir()
   source = b""
-  for name in SOURCES + HEADERS:
+  for name in inputs:
     with open(name, "rb") as f:
       source += f.read()
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  try:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+  except OSError as e:
+    raise KernelUnavailable(f"{_PREFIX}: cannot run the C++ compiler {compiler} ({e}); allowed: a "
+                            f"working compiler ($CXX), or {_ALLOWED}") from None
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
       source, compiler, version, " ".join(flags), include, jax.__version__, _cpu_features()))).hexdigest()
-  cache = os.environ.get("LOOPICL_KERNEL_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "loopicl", "kernels")
+  cache = cache_dir()
   path = os.path.join(cache, f"looped_attention-{key[:20]}.so")
   if os.path.exists(path):
     return path
-  os.makedirs(cache, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-  os.close(fd)
   try:
-    result = subprocess.run([compiler, *flags, f"-I{include}", *SOURCES, "-o", tmp],
-                            capture_output=True, text=True)
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+  except OSError as e:
+    raise KernelUnavailable(f"{_PREFIX}: cannot write the kernel cache directory {cache} ({e}); "
+                            f"allowed: a writable $LOOPICL_KERNEL_CACHE, or {_ALLOWED}") from None
+  try:
+    try:
+      result = subprocess.run([compiler, *flags, f"-I{include}", *SOURCES, "-o", tmp],
+                              capture_output=True, text=True)
+    except OSError as e:
+      raise KernelUnavailable(f"{_PREFIX}: cannot run the C++ compiler {compiler} ({e}); allowed: a "
+                              f"working compiler ($CXX), or {_ALLOWED}") from None
     if result.returncode != 0:
-      first = (result.stderr.strip().splitlines() or ["no output"])[0]
-      raise KernelUnavailable(f"model.kernel='cpu': building {', '.join(map(os.path.basename, SOURCES))} failed "
-                              f"({first}); allowed: fix the compiler, or model.kernel='xla'")
-    os.replace(tmp, path)
+      raise KernelUnavailable(f"{_PREFIX}: building {', '.join(map(os.path.basename, SOURCES))} with "
+                              f"{compiler} failed ({_first_error(result)}); allowed: fix the compiler, "
+                              f"or {_ALLOWED}")
+    try:
+      os.replace(tmp, path)
+    except OSError as e:
+      raise KernelUnavailable(f"{_PREFIX}: cannot write the kernel cache directory {cache} ({e}); "
+                              f"allowed: a writable $LOOPICL_KERNEL_CACHE, or {_ALLOWED}") from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
 
 
+def _first_error(result: subprocess.CompletedProcess) -> str:
+  """The compiler's first error line (not its "In file included from" context), else its first line."""
+  lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+  for line in lines:
+    if re.search(r"\berror\b", line, re.I):
+      return line
+  return lines[0] if lines else f"exit status {result.returncode}, no output"
+
+
+_failure: str | None = None  # why the build failed in this process, once it has
+_warned = False
+
+
+def warn_xla_fallback(error: Exception) -> None:
+  """`model.kernel = "auto"` could not use the kernel: one warning per process, naming the cause."""
+  global _warned
+  if not _warned:
+    _warned = True
+    logging.warning("model.kernel='auto' falls back to 'xla', ~7x slower on a CPU, because the fused "
+                    "CPU kernel is unavailable: %s", error)
+
+
 @functools.cache
 def lanes() -> int:
-  """Builds and registers the kernel once per process; the SIMD width it was built with."""
-  library = ctypes.cdll.LoadLibrary(library_path())
+  """Builds and registers the kernel once per process; the SIMD width it was built with.
+
+  A failure (KernelUnavailable) is raised again, not retried, by later calls in this process."""
+  global _failure
+  if _failure is not None:
+    raise KernelUnavailable(_failure)
+  try:
+    path = library_path()
+    try:
+      library = ctypes.cdll.LoadLibrary(path)
+    except OSError as e:
+      raise KernelUnavailable(f"{_PREFIX}: cannot load the built kernel {path} ({e}); allowed: delete "
+                              f"it to rebuild, or {_ALLOWED}") from None
+  except KernelUnavailable as e:
+    _failure = str(e)
+    raise
   jax.ffi.register_ffi_target(_TARGETS["forward"], jax.ffi.pycapsule(library.LoopiclForward),
                               platform="cpu")
   jax.ffi.register_ffi_target(_TARGETS["backward"], jax.ffi.pycapsule(library.LoopiclBackward),

@@ -126,7 +126,7 @@ def resolve_kernel(kernel: str, form: str = "reassociated", dtype=None) -> str:
   try:
     kernels.lanes()
   except kernels.KernelUnavailable as e:
-    logging.warning("model.kernel='auto' falls back to 'xla': %s", e)
+    kernels.warn_xla_fallback(e)  # one warning per process: the cause, and XLA's ~7x cost
     return "xla"
   return "cpu"
 
