@@ -106,8 +106,7 @@ def closed_form_study(d: int, n: int, kappa: float, loops: int, prompts: int, te
   """The rotated-Σ setting of the closed-form scripts (scripts/adam_memory.py,
   scripts/mean_optimal_preconditioner.py): (Σ [d, d] numpy, training Σ̂'s, test Σ̂'s, per_prompt)
   with per_prompt(A, Σ̂'s) = expected_pgd_error at `loops`.  Call with x64 enabled."""
-  from configs import default
-  task = default.get_config().task
+  task = tasks.default_config()  # the experiments' task section (configs/default.py: the same Σ)
   task.d, task.n_context, task.condition_number, task.rotate = d, n, kappa, True
   sigma = tasks.covariance(task)
   train, test = (jnp.asarray(sample_sigma_hats(task, seed, count))

@@ -34,6 +34,7 @@ import numpy as np
 
 from loopicl import stats
 from loopicl.linear import algorithms, construction, model as model_lib, tasks
+from loopicl.linear.formatting import TIE, fmt, loop_table, verdict
 
 ALGORITHMS = ("cg", "chebyshev", "chebyshev_oracle", "newton", "whitened_gd")
 CANDIDATES = ("gd", "pgd") + ALGORITHMS  # what `closest` ranks
@@ -167,8 +168,7 @@ def mechanism(P, Q, knobs, batch: tasks.Batch, *, loops: int, d: int, d_out: int
 
 def findings(r: dict) -> list[str]:
   """Sentences for `report.findings`: which candidate the model is closest to at T, which rungs
-  it beats (model/algorithm error, `report.TIE` rule), and how κ̂ of the input rows moves."""
-  from loopicl.linear.report import TIE, _fmt, _verdict  # report imports this module
+  it beats (model/algorithm error, `formatting.TIE` rule), and how κ̂ of the input rows moves."""
   T, i, out = r["trained_loops"], r["trained_loops"] - 1, []
   name, margin = r.get("closest_algorithm"), r.get("closest_algorithm_margin")
   if name is not None:
@@ -176,13 +176,13 @@ def findings(r: dict) -> list[str]:
     by = ("infinitely closer" if margin is None else f"{margin:.3g}× closer" if margin > 1 + TIE
           else f"a tie ({margin:.3g}×)")
     out.append(f"at T={T} the model's predictions are closest to {LABELS[name]} (RMS prediction "
-               f"difference {_fmt(l2)}); the runner-up {LABELS[runner]} is at {_fmt(l2_runner)}: {by}")
+               f"difference {fmt(l2)}); the runner-up {LABELS[runner]} is at {fmt(l2_runner)}: {by}")
   model = r["model_error"][i]
   verdicts: dict[str, list] = {"beats": [], "matches": [], "loses to": []}
   for a in ALGORITHMS:
     ref = r[key(a, "error")][i]
     if model is not None and ref:
-      verdicts[_verdict(model / ref)].append(f"{LABELS[a]} ({model / ref:.3g}×)")
+      verdicts[verdict(model / ref)].append(f"{LABELS[a]} ({model / ref:.3g}×)")
   parts = [f"{v} {', '.join(names)}" for v, names in verdicts.items() if names]
   if parts:
     out.append(f"model error at T={T} against the ladder (model/algorithm): the model "
@@ -192,7 +192,7 @@ def findings(r: dict) -> list[str]:
     curves = [(who, mech[f"{who}_kappa_hat_median"]) for who in ("model", "whitened_gd")]
     out.append(f"median κ̂ of the input rows over loops 0 → {T} → {mech['loops'][-1]}: " + "; ".join(
         f"{'model' if who == 'model' else 'whitening construction'} "
-        f"{_fmt(k[0])} → {_fmt(k[T])} → {_fmt(k[-1])}" for who, k in curves))
+        f"{fmt(k[0])} → {fmt(k[T])} → {fmt(k[-1])}" for who, k in curves))
   return out
 
 
@@ -202,19 +202,18 @@ _SHORT = {"gd": "GD η*", "pgd": "PGD c·Σ⁻¹", "cg": "CG", "chebyshev": "Che
 
 def markdown(r: dict) -> list[str]:
   """Lines of report.md: the ladder per loop (error and the model's distance to each), its ranking at T."""
-  from loopicl.linear.report import _fmt, _loop_table
   if "closest_algorithm_ranking" not in r:
     return []
   T, algos = r["trained_loops"], CANDIDATES
   lines = ["", "## Ladder of reference algorithms", "",
            "Each cell: the algorithm's query MSE (in brackets the model's RMS prediction difference to "
            "it). Every algorithm is compared by loop count; Newton–Schulz step t is worth 2^t GD "
-           f"steps. Chebyshev MP on [{_fmt(r['chebyshev_lambda_min'])}, "
-           f"{_fmt(r['chebyshev_lambda_max'])}]; whitened GD pq = {_fmt(r['whitened_gd_pq'])}, "
-           f"η = {_fmt(r['whitened_gd_step'])} (fitted at T on {r['whitened_gd_fit_prompts']} scan "
+           f"steps. Chebyshev MP on [{fmt(r['chebyshev_lambda_min'])}, "
+           f"{fmt(r['chebyshev_lambda_max'])}]; whitened GD pq = {fmt(r['whitened_gd_pq'])}, "
+           f"η = {fmt(r['whitened_gd_step'])} (fitted at T on {r['whitened_gd_fit_prompts']} scan "
            "prompts).", ""]
-  lines += _loop_table(r, ["model"] + [_SHORT[a] for a in algos], lambda j: [_fmt(r["model_error"][j])] + [
-      f"{_fmt(r[key(a, 'error')][j])} ({_fmt(r[key(a, 'prediction_l2')][j])})"
+  lines += loop_table(r, ["model"] + [_SHORT[a] for a in algos], lambda j: [fmt(r["model_error"][j])] + [
+      f"{fmt(r[key(a, 'error')][j])} ({fmt(r[key(a, 'prediction_l2')][j])})"
       for a in algos])
   lines += ["", f"At T = {T}, nearest first:", "",
             "| algorithm | prediction L2 to the model | sensitivity cosine | error | model/algorithm |",
@@ -223,5 +222,5 @@ def markdown(r: dict) -> list[str]:
   for a, l2 in r["closest_algorithm_ranking"]:
     err, cos = r[key(a, "error")][T - 1], r[key(a, "sensitivity_cosine")][T - 1]
     ratio = model / err if model is not None and err else None
-    lines.append(f"| {LABELS[a]} | {_fmt(l2)} | {_fmt(cos)} | {_fmt(err)} | {_fmt(ratio)} |")
+    lines.append(f"| {LABELS[a]} | {fmt(l2)} | {fmt(cos)} | {fmt(err)} | {fmt(ratio)} |")
   return lines

@@ -20,6 +20,7 @@ import numpy as np
 
 from loopicl import jsonfile
 from loopicl.linear import ladder, weights
+from loopicl.linear.formatting import TIE, fmt, loop_table, verdict  # shared with ladder
 from loopicl.stats import py_float
 
 # Loop-indexed report lists (aligned with `loops`) that `write_report` tabulates.
@@ -34,8 +35,6 @@ TB_SCALARS = ("weight_distance", "offblock_fraction", "gd_step_equivalent", "gd_
               "population_contraction", "model_rate", "gd_rate", "closest_algorithm_margin",
               "whitened_gd_pq", "whitened_gd_step")
 
-# A ratio inside [1 − TIE, 1 + TIE] reads as "matches" in the findings.
-TIE = 0.05
 # |Im λ| above this fraction of max |λ| counts as a complex eigenvalue.
 COMPLEX_TOL = 1e-6
 
@@ -101,15 +100,6 @@ def weight_report(P, Q, P_construction, Q_construction, *, d_out, eta, c_pgd, si
   return out
 
 
-def _fmt(x) -> str:
-  return "n/a" if x is None else f"{x:.3g}"
-
-
-def _verdict(ratio: float) -> str:
-  """The TIE rule for a model/reference error ratio."""
-  return "beats" if ratio < 1 - TIE else ("loses to" if ratio > 1 + TIE else "matches")
-
-
 def findings(r: dict[str, Any]) -> list[str]:
   """Short sentences read off the report's numbers (what a reader should notice first)."""
   T, i = r["trained_loops"], r["trained_loops"] - 1
@@ -125,15 +115,15 @@ def findings(r: dict[str, Any]) -> list[str]:
                       ("preconditioned GD with c·Σ⁻¹", None if same else pgd)):
       if ref is not None and ref > 0:
         ratio = model / ref
-        out.append(f"model error at T={T} is {ratio:.3g}× {name} ({_fmt(model)} vs {_fmt(ref)}): "
-                   f"the model {_verdict(ratio)} it")
+        out.append(f"model error at T={T} is {ratio:.3g}× {name} ({fmt(model)} vs {fmt(ref)}): "
+                   f"the model {verdict(ratio)} it")
     ls = r["least_squares_error"][0]
     if ls is not None:
-      out.append(f"least squares (the GD fixed point) reaches {_fmt(ls)}; ridge at λ={_fmt(r['ridge_lambda'])} "
-                 f"{_fmt(r['ridge_error'][0])}")
+      out.append(f"least squares (the GD fixed point) reaches {fmt(ls)}; ridge at λ={fmt(r['ridge_lambda'])} "
+                 f"{fmt(r['ridge_error'][0])}")
   if nonfinite:
     out.append(f"{nonfinite} of {r['num_prompts']} prompts give a non-finite prediction at T={T} "
-               f"(means are over the finite ones; median {_fmt(r['model_error_median'][i])})")
+               f"(means are over the finite ones; median {fmt(r['model_error_median'][i])})")
   counts = r["model_error_nonfinite"]
   if max(counts) and max(counts) != nonfinite:
     first = next(t for t, k in zip(r["loops"], counts) if k)
@@ -152,23 +142,23 @@ def findings(r: dict[str, Any]) -> list[str]:
     if late is None:
       out.append(f"past the trained T the model diverges: every prompt is non-finite at loop {L}")
     elif late > model * (1 + TIE):
-      out.append(f"past the trained T the error grows: {_fmt(late)} at loop {L} vs {_fmt(model)} at T={T}")
+      out.append(f"past the trained T the error grows: {fmt(late)} at loop {L} vs {fmt(model)} at T={T}")
     else:
-      out.append(f"past the trained T the error keeps falling or holds: {_fmt(late)} at loop {L}")
+      out.append(f"past the trained T the error keeps falling or holds: {fmt(late)} at loop {L}")
   asym, n_complex = r["preconditioner_asymmetry"], r["preconditioner_complex_eigenvalues"]
   if asym is not None:
     kind = "non-symmetric" if asym > TIE else "near-symmetric"
     out.append(f"implied preconditioner is {kind}: ||A−Aᵀ||/||A|| = {asym:.3g}, "
                f"{n_complex} complex eigenvalues")
-    out.append(f"implied preconditioner vs η*·I: cosine {_fmt(r['preconditioner_cosine_identity'])}, "
-               f"relative distance {_fmt(r['preconditioner_distance_gd'])}; vs c*·Σ⁻¹: cosine "
-               f"{_fmt(r['preconditioner_cosine_sigma_inv'])}")
-  out.append(f"weights are {_fmt(r['weight_distance'])} from the plain-GD line (P⊗Q sine), "
-             f"{_fmt(r['offblock_fraction'])} of ||P⊗Q|| outside the construction's blocks, "
-             f"GD-step equivalent η̂ = {_fmt(r['gd_step_equivalent'])} (η* = {_fmt(r['gd_step_size'])})")
+    out.append(f"implied preconditioner vs η*·I: cosine {fmt(r['preconditioner_cosine_identity'])}, "
+               f"relative distance {fmt(r['preconditioner_distance_gd'])}; vs c*·Σ⁻¹: cosine "
+               f"{fmt(r['preconditioner_cosine_sigma_inv'])}")
+  out.append(f"weights are {fmt(r['weight_distance'])} from the plain-GD line (P⊗Q sine), "
+             f"{fmt(r['offblock_fraction'])} of ||P⊗Q|| outside the construction's blocks, "
+             f"GD-step equivalent η̂ = {fmt(r['gd_step_equivalent'])} (η* = {fmt(r['gd_step_size'])})")
   cos, l2 = r["sensitivity_cosine"][i], r["sensitivity_l2"][i]
   out.append(f"at T={T} the sensitivity ∂ŷ/∂x_q has cosine {'n/a' if cos is None else f'{cos:.4f}'} with GD's (L2 distance "
-             f"{_fmt(l2)}); predictions differ by {_fmt(r['prediction_l2'][i])} (L2)")
+             f"{fmt(l2)}); predictions differ by {fmt(r['prediction_l2'][i])} (L2)")
   errs = [p["error"] for p in r["interpolation"]]
   finite = [e for e in errs if e is not None]
   if finite and errs[0] is not None and errs[-1] is not None:
@@ -176,8 +166,8 @@ def findings(r: dict[str, Any]) -> list[str]:
     ends = max(errs[0], errs[-1])
     shape = (f"a barrier ({peak / ends:.3g}× the worse end)" if peak > ends * (1 + TIE)
              else "no barrier")
-    out.append(f"along the straight line learned → construction the error goes {_fmt(errs[0])} → "
-               f"{_fmt(errs[-1])} with {shape}")
+    out.append(f"along the straight line learned → construction the error goes {fmt(errs[0])} → "
+               f"{fmt(errs[-1])} with {shape}")
   return out + ladder.findings(r)
 
 
@@ -191,7 +181,7 @@ def report_markdown(report: dict[str, Any]) -> str:
   lines += ["", "## Scalars", "", "| quantity | value |", "|---|---|"]
   for k, v in r.items():
     if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None:
-      lines.append(f"| {k} | {v if isinstance(v, int) else _fmt(v)} |")
+      lines.append(f"| {k} | {v if isinstance(v, int) else fmt(v)} |")
   cols = [("model_error", "model"), ("model_error_median", "model median"),
           ("model_error_nonfinite", "non-finite"), ("gd_error", "GD η*"), ("pgd_error", "PGD c·Σ⁻¹"),
           ("least_squares_error", "LS"), ("ridge_error", "ridge"), ("bound", "theory line"),
@@ -199,27 +189,17 @@ def report_markdown(report: dict[str, Any]) -> str:
           ("prediction_l2", "pred. L2")]
   if "model_weight_error" in r:
     cols.insert(3, ("model_weight_error", "model ||Ŵ−W*||/||W*||"))
-  lines += ["", "## Per loop", ""] + _loop_table(r, [c for _, c in cols], lambda j: [
-      str(r[k][j]) if k.endswith("nonfinite") else _fmt(r[k][j]) for k, _ in cols])
+  lines += ["", "## Per loop", ""] + loop_table(r, [c for _, c in cols], lambda j: [
+      str(r[k][j]) if k.endswith("nonfinite") else fmt(r[k][j]) for k, _ in cols])
   lines += ladder.markdown(r)
   lines += ["", "## Interpolation (learned → construction, at T)", "", "| α | error | median | non-finite |",
             "|---|---|---|---|"]
-  lines += [f"| {p['alpha']:.3g} | {_fmt(p['error'])} | {_fmt(p['error_median'])} | {p['nonfinite']} |"
+  lines += [f"| {p['alpha']:.3g} | {fmt(p['error'])} | {fmt(p['error_median'])} | {p['nonfinite']} |"
             for p in r["interpolation"]]
   lines += ["", "## Figures", ""]
   lines += [f"![{name}]({name}.png)" for name in ("errors", "sensitivity", "weights", "preconditioner",
                                                    "interpolation", "ladder", "mechanism")]
   return "\n".join(lines) + "\n"
-
-
-def _loop_table(r: dict[str, Any], headers: list[str], cells_of) -> list[str]:
-  """A markdown table with one row per loop, the trained T in bold; cells_of(j): the row's cells."""
-  lines = ["| t | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
-  for j, t in enumerate(r["loops"]):
-    row = f"| {t} | " + " | ".join(cells_of(j)) + " |"
-    lines.append(row.replace("| ", "| **", 1).replace(f"**{t} |", f"**{t}** |")
-                 if t == r["trained_loops"] else row)
-  return lines
 
 
 def write_report(report: dict[str, Any], outdir: str, P=None, Q=None, *,
