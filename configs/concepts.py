@@ -6,15 +6,11 @@ with the logistic loss and plain SGD on prompts whose words are sparse sums of c
   python scripts/train.py --config configs/concepts.py --workdir runs/concepts
   python scripts/evaluate.py --workdir runs/concepts
 """
-import ml_collections
-
-from configs import default
-from loopicl.concepts import task as concepts
+from loopicl import config as config_lib
 
 
 def get_config():
-  config = default.get_config()
-  config.task = concepts.default_config()   # every symbol of docs/theory.md §5, commented there
+  config = config_lib.defaults("concept_classification")  # every field; docs/theory.md §5 for task
   config.task.num_concepts = 6              # K
   config.task.dim = 32                      # embedding dimension (>= 2K)
   config.task.concepts_per_word = 1         # extra random concepts per word
@@ -27,13 +23,10 @@ def get_config():
   config.task.ood.lengths_short = (2, 4, 8)
   config.task.ood.lengths_long = (32, 64)
 
-  config.model = ml_collections.ConfigDict()
   config.model.loops = 1                    # shared-weight loops of attention (1: the paper's model)
   config.model.heads = 1                    # softmax attention heads
   config.model.mlp_width = 32               # m: ReLU neurons; output layer fixed at ±1/m
   config.model.init_scale = 3.0             # weights ~ N(0, init_scale² / (2·dim)); 1.0 misses the OOD targets
-  config.model.remat = False
-  config.model.unroll = 1
 
   # The paper's optimiser: plain SGD, constant step size, no clipping (docs/concepts.md: the search
   # over learning rate and momentum that chose it). configs/concepts_adam.py is the Adam variant.
@@ -45,12 +38,7 @@ def get_config():
   config.train.schedule = "constant"
   config.train.warmup_steps = 0
   config.train.grad_clip = 0.0              # off
-  config.train.loss_normalization = "none"
-  config.train.loss_loops = 1
   config.train.curriculum_start = 0
-  config.train.construction_steps = 0       # no GD construction in this family
-  config.train.tail_pool = 1                # tail-holding batches exist for the linear family only
-  config.train.tail_prompts = 0
   config.eval.every = 50                    # dense enough to see the 0-1 loss fall on a log axis
   config.eval.num_prompts = 4096
   config.checkpoint.every = 1000

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grid.seeds = (0, 1, 2, 3)
   config.grid.eval_prompts = 8192     # held-out prompts per seed.  2048 made the mean at T = 20 a coin:
                                       # E's seed 3 was 2.18x PGD on its 2048 and 0.75x over 65 536 (its
-                                      # verdict flipped on 7 of 32 sets of 2048; docs/learning.md round 7)
+                                      # verdict flipped on 7 of 32 sets of 2048; docs/learning.md)
   config.grid.eval_seed = 1234        # seed of the held-out and tuning prompts
   config.grid.tune_prompts = 32768    # prompts GD's / PGD's step is tuned on (none of them held out)
   config.grid.extrapolation = 4       # read every seed at loops 1 … 4T

@@ -34,15 +34,13 @@ def experiment() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.optimizer = "adam"        # the grid as docs/reproduction.md measured it (the default is SOAP)
   c.train.adam_b2 = 0.999           # the grid as docs/reproduction.md measured it: Adam's defaults,
-  c.train.tail_pool = 1             # uniform batches, a non-finite step stops the seed
-  c.train.tail_prompts = 0
+  c.linear.tail_pool = "1"            # uniform batches, a non-finite step stops the seed
+  c.linear.tail_prompts = 0
   c.train.nonfinite_skips = 0
   c.train.curriculum_start = 1      # loop curriculum 1 → T …
   c.train.curriculum_every = 40     # … one more loop every 40 steps (T = 20 reached at step 760);
   c.train.curriculum_increment = 1  # two every 50 halves the compiles but diverged (n/d = 4, 8)
   c.train.steps_per_call = 40       # = curriculum_every: one chunk length, one compile per T
-  c.train.construction_steps = 0    # every block of P and Q trained (the default masks all but the
-                                    # construction's blocks; docs/learning.md)
   return c
 
 

@@ -267,13 +267,11 @@ def run_reproduce():
 
 # -- scripts/learning.py --------------------------------------------------------------------------
 
-def _learning_main(argv):
-  _no_arguments(argv, "--config, --workdir, --config.<field>=<value>")
-  if not flags.FLAGS.workdir:
-    fail("--workdir is required; allowed: a directory path (created if missing)")
-  logging.set_verbosity(logging.WARNING)
+def _learning_config():
   from loopicl import errors
   from loopicl.experiments import learning
+  if not flags.FLAGS.workdir:
+    fail("--workdir is required; allowed: a directory path (created if missing)")
   config = _loaded_config("configs/learning.py")
   try:
     learning.validate(config)
@@ -281,47 +279,48 @@ def _learning_main(argv):
     fail(str(e))
   except (AttributeError, KeyError, TypeError) as e:  # not a learning config (missing fields)
     fail(f"--config is not a learning config ({one_line(e)}); allowed: configs/learning.py")
-  if flags.FLAGS.tails or flags.FLAGS.population:
-    from loopicl.experiments import learning_tails
-    lines = (learning_tails.tail_report(config, flags.FLAGS.workdir) if flags.FLAGS.tails else []) + (
-        learning_tails.population_report(config, flags.FLAGS.workdir, flags.FLAGS.population)
-        if flags.FLAGS.population else [])
-    for line in lines:
-      print(line, flush=True)
-    return
+  return config
+
+
+def _learning_main(argv):
+  _no_arguments(argv, "--config, --workdir, --config.<field>=<value>")
+  logging.set_verbosity(logging.WARNING)
+  from loopicl.experiments import learning
+  config = _learning_config()
   learning.run(config, flags.FLAGS.workdir, log=lambda s: print(s, flush=True))
 
 
 def run_learning():
   """Entry point of scripts/learning.py."""
   flags.DEFINE_string("workdir", None, "Directory for points/, learning.csv, summary.md, figure.")
-  flags.DEFINE_bool("tails", False, "Print which prompts decide each finished seed's mean.")
-  flags.DEFINE_integer("population", 0, "Read each finished seed, GD and PGD on this many fresh "
-                       "prompts (0: off): population mean / median ratios.", lower_bound=0)
   _config_flag("Learning config (configs/learning.py).")
   _run(_learning_main, "--config=<file> --workdir=<dir> --config.<section>.<field>=<value>")
 
 
-# -- scripts/large_t_recipes.py -------------------------------------------------------------------
+# -- scripts/learning_tails.py --------------------------------------------------------------------
 
-def _large_t_main(argv):
-  _no_arguments(argv, "--workdir, --recipes")
-  from loopicl.experiments import large_t
-  FLAGS = flags.FLAGS
-  unknown = [r for r in FLAGS.recipes if r not in large_t.RECIPES]
-  if unknown:
-    fail(f"--recipes={','.join(unknown)} is invalid; allowed: {' | '.join(large_t.RECIPES)}")
+def _learning_tails_main(argv):
+  _no_arguments(argv, "--config, --workdir, --tails, --population")
   logging.set_verbosity(logging.WARNING)
-  large_t.run(FLAGS.workdir, FLAGS.recipes, log=lambda s: print(s, flush=True))
+  from loopicl.experiments import learning_tails
+  config = _learning_config()
+  if not (flags.FLAGS.tails or flags.FLAGS.population):
+    fail("--tails or --population=N is required; allowed: either or both")
+  lines = (learning_tails.tail_report(config, flags.FLAGS.workdir) if flags.FLAGS.tails else []) + (
+      learning_tails.population_report(config, flags.FLAGS.workdir, flags.FLAGS.population)
+      if flags.FLAGS.population else [])
+  for line in lines:
+    print(line, flush=True)
 
 
-def run_large_t_recipes():
-  """Entry point of scripts/large_t_recipes.py."""
-  from loopicl.experiments import large_t
-  flags.DEFINE_string("workdir", None, "Directory with one reproduce workdir per recipe.",
-                      required=True)
-  flags.DEFINE_list("recipes", list(large_t.RECIPES), "Recipes to run, comma separated.")
-  _run(_large_t_main, "--workdir=<dir> --recipes=<name,...>")
+def run_learning_tails():
+  """Entry point of scripts/learning_tails.py: reports on a finished learning workdir."""
+  flags.DEFINE_string("workdir", None, "A learning workdir (scripts/learning.py) with finished settings.")
+  flags.DEFINE_bool("tails", False, "Print which prompts decide each finished seed's mean.")
+  flags.DEFINE_integer("population", 0, "Read each finished seed, GD and PGD on this many fresh "
+                       "prompts (0: off): population mean / median ratios.", lower_bound=0)
+  _config_flag("Learning config (configs/learning.py) the workdir was trained with.")
+  _run(_learning_tails_main, "--config=<file> --workdir=<dir> [--tails] [--population=N]")
 
 
 # -- scripts/sweep.py -----------------------------------------------------------------------------

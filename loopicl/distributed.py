@@ -159,7 +159,7 @@ def constrain_batch(batch, mesh: Mesh | None, batch_size: int):
 class ShardedFamily:
   """An objective whose `sample` returns a batch split over `mesh`; everything else delegated.
 
-  `train.make_train_step` stays the plain single-device step: sharding is a property of where
+  `step.make_train_step` stays the plain single-device step: sharding is a property of where
   its batch lives, not of its code.
   """
 

@@ -24,7 +24,8 @@ import time
 
 import ml_collections
 
-from loopicl import checkpointing, config as config_lib, family as family_lib
+from loopicl import checkpointing, config as config_lib, registry, optim
+from loopicl import step as step_lib
 from loopicl.errors import RunError
 
 
@@ -93,12 +94,18 @@ class WorkdirLock:
 
 
 def prepare_workdir(config, workdir: str, log) -> None:
-  """Writes config.json; refuses a config whose shape fields differ from the stored one."""
+  """Writes config.json; refuses a run directory written by another release (its config has other
+  fields) and a config whose shape fields differ from the stored one."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
+    release = config_lib.schema_differences(stored, config)
+    if release:
+      raise RunError(f"workdir {workdir} was written by another release of loopicl (its config.json "
+                     f"{', '.join(release)}): continuing it would train another recipe; use a new "
+                     "--workdir")
     changed = config_lib.shape_field_differences(stored, config)
     if changed:
       old = ml_collections.ConfigDict(stored)
@@ -160,14 +167,13 @@ def load_trained(workdir: str, log=_to_stderr):
   matches the config's shapes.  Builds the model only: no training step, so no kernel.  Each
   checkpoint skipped on the way is one `warning:` line through `log` (default: stderr).
   """
-  from loopicl import train
   config = load_config(workdir)
   try:
     config_lib.validate(config)
   except ValueError as e:
     raise RunError(f"{workdir}/config.json is invalid: {e}") from None
-  family = family_lib.of(config)
-  model_def, state = train.init_state(family, train.family_optimizer(family), config.train.seed)
+  family = registry.of(config)
+  model_def, state = step_lib.init_state(family, optim.make_optimizer(config.train), config.train.seed)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise RunError(f"{workdir} holds no checkpoint (expected {directory}/<step>/)")
@@ -190,7 +196,7 @@ def evaluate_run(workdir: str, loops_max: int | None = None, num_prompts: int = 
   Raises RunError (one line) for a missing/unusable run and ValueError for bad arguments.
   """
   config, model, step = load_trained(workdir, log=log)
-  family = family_lib.of(config)
+  family = registry.of(config)
   return family.report(workdir, model, step, loops_max=loops_max, num_prompts=num_prompts,
                        log_tensorboard=log_tensorboard, log=log)
 
@@ -200,5 +206,5 @@ def summary(result: dict, config) -> str:
   lines = [f"== loopicl run: {config.task.kind}, T={config.model.loops} loops, step {result.get('step')}"]
   if "interrupted" in result:
     lines.append(f"   interrupted by {result['interrupted']}; checkpoint saved, rerun to resume")
-  lines += family_lib.of(config).summary_lines(result)
+  lines += registry.of(config).summary_lines(result)
   return "\n".join(lines)

@@ -20,7 +20,7 @@ from loopicl.linear import tail_sampling, tasks
 flags.DEFINE_list("shapes", ["10x15", "10x40", "10x80", "20x40", "20x80"], "d x n of the task")
 flags.DEFINE_integer("seeds", 4, "seeds vmapped (the table trains 4)")
 flags.DEFINE_integer("batch_size", 128, "prompts per batch")
-flags.DEFINE_integer("pool", 8, "candidates per batch prompt (train.tail_pool; the default is 64 at T >= 20, d <= n < 2d)")
+flags.DEFINE_integer("pool", 8, "candidates per batch prompt (linear.tail_pool; \"auto\": tail_sampling.auto_pool, 64 at T >= 20 and n < 3d, else 8)")
 flags.DEFINE_integer("repeats", 30, "timed draws")
 FLAGS = flags.FLAGS
 

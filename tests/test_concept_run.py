@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import config as config_lib, family as family_lib, run, train
+from loopicl import config as config_lib, registry, run, train
 from loopicl.concepts import report as concept_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,7 @@ def test_output_layer_stays_fixed_through_training(concept_run):
   expected = np.concatenate([np.full(m // 2, 1.0 / m), np.full(m // 2, -1.0 / m)]).astype(np.float32)
   assert np.array_equal(np.asarray(model.a[...]), expected)
   key = jax.random.fold_in(jax.random.key(int(c.train.seed)), 0)
-  fresh = family_lib.of(c).create_model(nnx.Rngs(params=key))
+  fresh = registry.of(c).create_model(nnx.Rngs(params=key))
   assert not np.allclose(np.asarray(model.W_1[...]), np.asarray(fresh.W_1[...]))  # Params trained
 
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from loopicl import config as config_lib, family as family_lib
+from loopicl import config as config_lib, registry
 from loopicl.concepts import diagnostics
 from loopicl.concepts import model as cm
 from loopicl.concepts import task as concepts
@@ -93,7 +93,7 @@ def test_unknown_field_under_task_ood_is_one_line_naming_the_allowed_keys():
     config_lib.validate(c)
   message = str(e.value)
   assert "\n" not in message and message.startswith("config.task.ood.length is an unknown field")
-  for key in family_lib.get(c.task.kind).task_config().ood.keys():
+  for key in registry.get(c.task.kind).task_config().ood.keys():
     assert key in message
   c = config_lib.load_file(_CONCEPTS_CONFIG)
   c.task = ml_collections.ConfigDict({**c.task.to_dict(), "ood": 8})   # a config built from scratch

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import checkpointing, family as family_lib, run, train
+from loopicl import checkpointing, optim, registry, run
 from loopicl.linear import construction, family as linear_family
 from tests.test_train import tiny_config
+
+
+def _config(**overrides):
+  """A tiny run's config with every entry of P and Q a parameter (the GD construction is saved)."""
+  return tiny_config(**{"model.parameterization": "full", **overrides})
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP, ETA = 40, 0.35
@@ -21,17 +26,17 @@ STEP, ETA = 40, 0.35
 def _save_construction(workdir, config, step=STEP, eta=ETA):
   """Writes config.json and a checkpoint whose params are the GD construction with step η.
 
-  The state has the training loop's layout {params, opt_state, data_key} (train.make_train_step),
-  so train.load_trained restores it like any checkpoint of a real run.
+  The state has the training loop's layout {params, opt_state, data_key} (step.make_train_step),
+  so run.load_trained restores it like any checkpoint of a real run.
   """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config.to_dict(), f)
-  model = family_lib.of(config).create_model(nnx.Rngs(params=0))
+  model = registry.of(config).create_model(nnx.Rngs(params=0))
   P, Q = construction.gd_params(config.task.d, config.task.d_out, step_size=eta, dtype=model.P[...].dtype)
   model.P[...], model.Q[...] = P, Q
   params = nnx.to_pure_dict(nnx.split(model)[1])
-  state = {"params": params, "opt_state": train.family_optimizer(family_lib.of(config)).init(params),
+  state = {"params": params, "opt_state": optim.make_optimizer(config.train).init(params),
            "data_key": jax.random.key_data(jax.random.key(0))}
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
   ckpt.save(step, state)
@@ -41,14 +46,14 @@ def _save_construction(workdir, config, step=STEP, eta=ETA):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  _save_construction(workdir, tiny_config())
+  _save_construction(workdir, _config())
   return workdir
 
 
 def test_evaluate_run_on_saved_construction(run_dir):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
   report = run.evaluate_run(run_dir, loops_max=6, num_prompts=128, log=lambda *a: None)
-  T = tiny_config().model.loops
+  T = _config().model.loops
   assert report["trained_loops"] == T and report["loops"] == list(range(1, 7))
   assert report["run"]["step"] == STEP and report["run"]["parameterization"] == "full"
   assert report["weight_distance"] < 1e-3 and report["offblock_fraction"] < 1e-3  # float32 weights
@@ -73,13 +78,13 @@ def test_evaluate_run_errors(tmp_path, run_dir):
     run.evaluate_run(str(tmp_path / "missing"))
   empty = tmp_path / "empty"
   empty.mkdir()
-  (empty / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+  (empty / "config.json").write_text(json.dumps(_config().to_dict()))
   with pytest.raises(run.RunError, match="no checkpoint"):
     run.evaluate_run(str(empty))
   # A checkpoint of another shape (d = 4) under a d = 3 config does not restore.
   other = str(tmp_path / "other")
-  _save_construction(other, tiny_config(**{"task.d": 4}))
-  (tmp_path / "other" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+  _save_construction(other, _config(**{"task.d": 4}))
+  (tmp_path / "other" / "config.json").write_text(json.dumps(_config().to_dict()))
   lines = []
   with pytest.raises(run.RunError, match="can be restored"):
     run.evaluate_run(other, log=lines.append)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from loopicl import config as config_lib, errors, family as family_lib, run, train
+from loopicl import config as config_lib, errors, family as family_lib, registry, run, train
 from tests.test_train import DEFAULT_CONFIG
 
 
@@ -64,18 +64,17 @@ def toy_family():
       return lambda model: {"test_error": float(jnp.mean(jnp.square(model(x) - mu))),
                             "scale": float(model.scale[...])}
 
-  family_lib.register(MeanEstimation)
+  registry.register(MeanEstimation)
   yield MeanEstimation
-  family_lib.unregister(MeanEstimation)
+  registry.unregister(MeanEstimation)
 
 
 def _toy_config(steps=60):
-  c = config_lib.load_file(DEFAULT_CONFIG)
-  c.task = ml_collections.ConfigDict({"kind": "toy_mean_estimation", "n_context": 16})
-  c.model = ml_collections.ConfigDict({"loops": 1})
+  c = config_lib.defaults("toy_mean_estimation")  # the schema: generic sections + the toy's task
+  c.model.loops = 1
   c.train.steps, c.train.steps_per_call, c.train.log_every = steps, 10, 10
   c.train.learning_rate, c.train.warmup_steps = 0.1, 5
-  c.train.construction_steps = 0  # the default's update mask is the linear family's (GD blocks)
+  c.train.curriculum_start = 0
   c.eval.every, c.checkpoint.every = 20, 20
   return c
 
@@ -129,7 +128,7 @@ def test_the_family_decides_what_is_trainable(toy_family, tmp_path):
 
   offsets = {}
   for fam in (Shifted, ShiftedAllTrainable):
-    family_lib.register(fam)
+    registry.register(fam)
     try:
       c = _toy_config(steps=40)
       c.task.kind = fam.kinds[0]
@@ -137,7 +136,7 @@ def test_the_family_decides_what_is_trainable(toy_family, tmp_path):
                                progress=False)
       offsets[fam.kinds[0]] = float(run.load_trained(str(tmp_path / fam.kinds[0]))[1].offset[...])
     finally:
-      family_lib.unregister(fam)
+      registry.unregister(fam)
   assert offsets["toy_shifted"] == 0.0          # excluded: bit for bit at its initial value
   assert offsets["toy_shifted_all"] > 0.5       # included: the same path trains it
   # The concept family's fixed ±1/m output layer on the same path: tests/test_concept_run.py
@@ -159,4 +158,4 @@ def test_registering_a_kind_twice_is_refused(toy_family):
   class Other(family_lib.Family):
     kinds = ("toy_mean_estimation",)
   with pytest.raises(ValueError, match="already registered"):
-    family_lib.register(Other)
+    registry.register(Other)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loopicl import config as config_lib
-from loopicl import family as family_lib, kernels, train
+from loopicl import registry, kernels, optim, step as step_lib
 from loopicl.linear import model
 from tests import numpy_reference
 
@@ -144,11 +144,11 @@ def test_training_steps_match_the_xla_kernel():
   losses, moved = {}, {}
   for kernel in ("xla", "cpu"):
     cfg = _config(**{"model.kernel": kernel})
-    family = family_lib.of(cfg)
-    tx = train.family_optimizer(family)  # the optimizer a run trains with (update mask included)
-    model_def, state = train.init_state(family, tx, cfg.train.seed)
+    family = registry.of(cfg, training=True)
+    tx = optim.make_optimizer(cfg.train)  # the optimizer a run trains with
+    model_def, state = step_lib.init_state(family, tx, cfg.train.seed)
     start = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
-    step = jax.jit(train.make_train_step(family, model_def, tx, 40, 4))
+    step = jax.jit(step_lib.make_train_step(family, model_def, tx, 40, 4))
     out = []
     for s in range(10):
       state, metrics = step(state, jnp.int32(s))
@@ -284,8 +284,7 @@ def test_config_fields_reach_the_model():
   from flax import nnx
   for kernel, threads in (("cpu", 1), ("xla", 0), ("auto", 3)):
     cfg = _config(**{"model.kernel": kernel, "model.kernel_threads": threads})
-    family = family_lib.of(cfg)
-    built = family.create_model(nnx.Rngs(0))
-    assert built.kernel == kernel and built.threads == threads  # as asked: resolved at step build
-    train.make_train_step(family, train.ModelDef(*nnx.split(built)), None, 40, 4)
-    assert family.resolved_kernel == ("xla" if kernel == "xla" else "cpu")
+    built = registry.of(cfg).create_model(nnx.Rngs(0))
+    assert built.kernel == kernel and built.threads == threads  # as asked: resolved by the family
+    assert registry.of(cfg).kernel == "xla"  # evaluation never builds the kernel
+    assert registry.of(cfg, training=True).kernel == ("xla" if kernel == "xla" else "cpu")

@@ -2,6 +2,7 @@
 a point is checked against plain numpy float64 on the same prompts — the trained model's loop, GD
 with the recorded step, PGD with the recorded c·Σ⁻¹ — and the run resumes and fails in one line."""
 import csv
+import os
 import subprocess
 import sys
 
@@ -153,21 +154,15 @@ def test_script_bad_flag_is_one_line(tmp_path):
   assert r.stderr.strip().count("\n") == 0 and "config.grid.extrapolation" in r.stderr
 
 
-def test_tail_pool_is_64_only_for_deep_loops_on_few_examples():
-  """The default's pool formula, as every setting of the table gets it through experiment_config:
-  64 candidates per batch prompt exactly where T ≥ 20 and d ≤ n < 3d, 8 elsewhere."""
-  config = learning_config.get_config()
-  for s in config.grid.settings:
-    p = learning.setting_dict(s)
-    exp = learning.experiment_config(config, p)
-    deep_and_few = p["loops"] >= 20 and p["d"] <= p["n"] < 3 * p["d"]
-    assert exp.train.tail_pool == (64 if deep_and_few else 8), p
-    assert exp.train.tail_prompts == exp.train.batch_size // 8
-  assert sum(learning.experiment_config(config, learning.setting_dict(s)).train.tail_pool == 64
-             for s in config.grid.settings) == 2  # the two n/d = 1.5, T = 20 settings
-  for d, n, T, pool in ((10, 20, 20, 64), (20, 40, 20, 64), (10, 30, 20, 8), (10, 20, 10, 8), (5, 8, 20, 64)):
-    exp = learning.experiment_config(config, learning.setting_dict((d, n / d, 1.0, False, T)))
-    assert exp.train.tail_pool == pool, (d, n, T)
+def test_reports_are_their_own_command_and_need_a_report_flag(tmp_path):
+  """scripts/learning_tails.py reads a finished workdir; without --tails or --population it is
+  one line (exit 2), and scripts/learning.py no longer takes those flags."""
+  r = subprocess.run([sys.executable, "scripts/learning_tails.py", "--config", "configs/learning.py",
+                      "--workdir", str(tmp_path)], capture_output=True, text=True)
+  assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--tails" in r.stderr
+  r = subprocess.run([sys.executable, "scripts/learning.py", "--config", "configs/learning.py",
+                      "--workdir", str(tmp_path), "--tails"], capture_output=True, text=True)
+  assert r.returncode != 0 and "tails" in r.stderr and not os.listdir(tmp_path)
 
 
 @pytest.mark.slow

@@ -1,20 +1,16 @@
-"""The reproduction grid end to end (tiny), and the vmapped seed sweep against separate runs."""
+"""The reproduction grid end to end (tiny): resume, the ladder against numpy, the grid's config errors."""
 import csv
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from loopicl import config as config_lib, family as family_lib, sweep, train
+from loopicl import config as config_lib, study
 from loopicl.experiments import reproduce
-from loopicl.experiments.reproduce import compute
-from loopicl.linear import construction
 from tests import numpy_reference
-from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,7 +130,7 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
   p = [q for q in reproduce.points(config) if q["method"] == "construction"][0]
   data = reproduce.run_construction(config, p)
   data.update(point=p, fingerprint=reproduce.fingerprint(config, p), wall_s=0.0, id=reproduce.point_id(p))
-  compute.write_point(str(tmp_path), p, data)
+  study.write_point(str(tmp_path), reproduce.point_id(p), data)
   rows = reproduce.write_outputs(config, str(tmp_path), figures=False)
   with open(tmp_path / "results.csv") as f:
     csv_rows = list(csv.DictReader(f))
@@ -172,8 +168,8 @@ def test_condition_settings_train_in_their_own_mode():
   config.grid.condition_train_mode = "per_loops"
   trained = [p for p in reproduce.points(config) if p["method"] == "trained"]
   assert [p["loops"] for p in trained if p["kappa"] == 10.0] == [[config.grid.fixed_loops]]
-  conditioned = reproduce.experiment_config(config, "linear_regression", 3, 12, 10.0, 2).train
-  isotropic = reproduce.experiment_config(config, "linear_regression", 3, 12, 1.0, 4).train
+  conditioned = reproduce.experiment_config(config, "linear_regression", 3, 12, 10.0, 2).linear
+  isotropic = reproduce.experiment_config(config, "linear_regression", 3, 12, 1.0, 4).linear
   assert (conditioned.loss_loops, conditioned.loss_normalization) == (1, "none")
   assert (isotropic.loss_loops, isotropic.loss_normalization) == (4, "gd")
   for p in reproduce.points(config):
@@ -182,140 +178,6 @@ def test_condition_settings_train_in_their_own_mode():
   config.grid.condition_train_mode = "sometimes"
   with pytest.raises(reproduce.GridError, match="grid.condition_train_mode"):
     reproduce.validate(config)
-
-
-def test_sweep_equals_separate_runs():
-  """K seeds in one vmapped program end where K separate single-seed runs end.
-
-  The single runs are train.py's own: its initial state for train.seed = s and its jitted chunk
-  (`train.make_train_chunk`), across a loop-curriculum change (two compiled programs).
-  """
-  config = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
-                          "train.steps": 50})
-  seeds = [0, 3]
-  result = sweep.train_seeds(config, seeds)
-  assert result.diverged_at.tolist() == [-1, -1]
-  family = family_lib.of(config)
-  tx = train.family_optimizer(family)
-  for k, seed in enumerate(seeds):
-    single = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 30,
-                            "train.steps": 50, "train.seed": seed})
-    _, state = train.init_state(family, tx, single.train.seed)
-    chunks = {}
-    for first, length, loops in train.chunk_plan(single):
-      if loops not in chunks:
-        chunks[loops] = train.make_train_chunk(family, result.model_def, tx,
-                                               int(single.train.batch_size), loops)
-      state, bad, _ = chunks[loops](state, jnp.int32(first), length)
-      assert int(bad) == -1
-    for name, leaf in state["params"].items():
-      np.testing.assert_allclose(sweep.seed_params(result, k)[name], np.asarray(leaf),
-                                 rtol=1e-5, atol=1e-6)
-  a, b = (sweep.seed_params(result, k)["P"] for k in range(2))
-  assert not np.allclose(a, b)  # different seeds really are different runs
-
-
-def test_seed_sharded_sweep_matches_one_device(tmp_path):
-  """On 2 host devices the seed axis is split (no collectives); each seed ends where it ends on 1."""
-  overrides = {"train.curriculum_start": 1, "train.curriculum_every": 20, "train.steps": 40}
-  code = f"""
-import numpy as np, jax
-from loopicl import sweep
-from tests import numpy_reference
-from tests.test_train import tiny_config
-assert len(jax.devices()) == 2 and sweep.seed_mesh(4).devices.size == 2
-assert sweep.seed_mesh(3) is None  # 3 seeds do not split over 2 devices: one device
-result = sweep.train_seeds(tiny_config(**{overrides!r}), [0, 1, 2, 3])
-np.savez({str(tmp_path / "sharded.npz")!r}, diverged=result.diverged_at, **result.params)
-"""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  sharded = np.load(tmp_path / "sharded.npz")
-  single = sweep.train_seeds(tiny_config(**overrides), [0, 1, 2, 3])
-  assert sharded["diverged"].tolist() == single.diverged_at.tolist() == [-1] * 4
-  for name, leaf in single.params.items():
-    np.testing.assert_allclose(sharded[name], leaf, rtol=1e-5, atol=1e-6)
-
-
-def test_construction_phase_moves_only_the_construction_blocks():
-  """train.construction_steps = k: for k steps only P_yy and Q_xx move (the rest stays exactly
-  at its initial value); after step k every entry trains.  Same seeds, same data, so the two
-  runs share their first k steps' construction blocks only up to what the free entries change."""
-  d = 3
-  def run(steps, construction_steps):
-    config = tiny_config(**{"train.steps": steps, "train.steps_per_call": 5,
-                            "train.construction_steps": construction_steps})
-    config.task.d = d
-    family = family_lib.of(config)
-    init = sweep.init_states(family, train.family_optimizer(family), [0])[1]["params"]
-    return ({k: np.asarray(v[0]) for k, v in init.items()},
-            sweep.seed_params(sweep.train_seeds(config, [0]), 0))
-  init, during = run(10, 10)
-  _, after = run(20, 10)
-  blocks = {"P": (slice(d, None), slice(d, None)), "Q": (slice(0, d), slice(0, d))}
-  for name, block in blocks.items():
-    off = np.ones_like(init[name], bool)
-    off[block] = False
-    np.testing.assert_array_equal(during[name][off], init[name][off])   # frozen, bit for bit
-    assert np.abs(during[name][block] - init[name][block]).max() > 1e-4  # the construction trains
-    assert np.abs(after[name][off] - init[name][off]).max() > 1e-4        # released after step k
-  with pytest.raises(ValueError, match="construction_steps"):
-    train.make_optimizer(tiny_config(**{"train.construction_steps": 5}).train)
-
-
-def test_a_diverging_seed_freezes_and_does_not_poison_the_others():
-  """Lane 1 turns NaN at step 3: it freezes there for good; lane 0 runs as if alone."""
-  def step_fn(state, step):
-    x = state["x"] * 1.5 + 1.0
-    loss = jnp.where((state["lane"] == 1) & (step >= 3), jnp.nan, x)
-    return {"x": x, "lane": state["lane"]}, {"loss": loss, "grad_norm": jnp.float32(0.0)}
-
-  chunk = jax.jit(jax.vmap(lambda s, b, first: train.scan_steps(step_fn, s, first, 4, bad=b),
-                           in_axes=(0, 0, None)))
-  states = {"x": jnp.zeros(2), "lane": jnp.arange(2)}
-  bad = jnp.full((2,), -1, jnp.int32)
-  for first in (0, 4):  # two chunks: the freeze is carried across chunk boundaries
-    states, bad, _ = chunk(states, bad, jnp.int32(first))
-  x = 0.0
-  for _ in range(8):
-    x = x * 1.5 + 1.0
-  assert float(states["x"][0]) == pytest.approx(x)  # lane 0: all 8 steps
-  assert float(states["x"][1]) == pytest.approx(4.75)  # lane 1: steps 0, 1, 2 only (0 → 1 → 2.5 → 4.75)
-  assert bad.tolist() == [-1, 3]
-
-
-def test_nonfinite_steps_are_skipped_up_to_the_allowed_streak():
-  """train.nonfinite_skips = k: a non-finite step leaves the state as it was and the next batch
-  trains; k + 1 in a row stop the run at that step (k = 0: the first one, as before)."""
-  nonfinite = jnp.array([3, 6, 7])  # step 3 alone, then 6 and 7 in a row
-
-  def step_fn(state, step):
-    x = state["x"] * 1.5 + 1.0
-    loss = jnp.where(jnp.any(step == nonfinite), jnp.inf, x)
-    return {"x": x}, {"loss": loss, "grad_norm": jnp.float32(0.0)}
-
-  def run(max_skips, length=10):
-    state, bad, metrics = jax.jit(lambda s: train.scan_steps(step_fn, s, jnp.int32(0), length,
-                                                             max_skips=max_skips))({"x": jnp.zeros(())})
-    return float(state["x"]), int(bad), np.asarray(metrics["skipped"])
-
-  def numpy_x(steps):
-    x = 0.0
-    for _ in steps:
-      x = x * 1.5 + 1.0
-    return x
-
-  x, bad, skipped = run(0)
-  assert bad == 3 and x == pytest.approx(numpy_x(range(3)))  # stops at the first, as before
-  assert skipped.sum() == 0
-  x, bad, skipped = run(1)  # 3 skipped, 6 skipped, 7 is the second in a row: stop there
-  assert bad == 7 and x == pytest.approx(numpy_x([0, 1, 2, 4, 5]))
-  assert skipped.tolist() == [0, 0, 0, 1, 0, 0, 1, 0, 0, 0]  # the stopping step is not "skipped"
-  x, bad, skipped = run(2)  # every non-finite step skipped, the other 7 train
-  assert bad == -1 and x == pytest.approx(numpy_x([0, 1, 2, 4, 5, 8, 9]))
-  assert skipped.tolist() == [0, 0, 0, 1, 0, 0, 1, 1, 0, 0]
 
 
 def test_script_bad_config_is_one_line_exit_2(tmp_path):
@@ -340,29 +202,3 @@ def test_grid_fields_of_the_regime_fail_in_one_line(field, value):
   with pytest.raises(reproduce.GridError, match=f"config.grid.{field}=") as err:
     reproduce.validate(config)
   assert "\n" not in str(err.value) and "allowed" in str(err.value)
-
-
-def test_sweep_compiled_ahead_equals_jit_chunks():
-  """train_seeds runs the programs `sweep.compile_ahead` built on worker threads; they are the
-  programs jax.jit builds for the same chunks: the same parameters, bit for bit, across a loop
-  curriculum (one program per loop count, each compiled once)."""
-  config = tiny_config(**{"train.curriculum_start": 1, "train.curriculum_every": 20,
-                          "train.steps": 50, "train.steps_per_call": 20})
-  seeds = [0, 3]
-  result = sweep.train_seeds(config, seeds)
-  family = family_lib.of(config)
-  tx = train.family_optimizer(family)
-  plan = train.chunk_plan(config)
-  assert sorted({(loops, length) for _, length, loops in plan}) == [(1, 20), (2, 10), (2, 20)]  # T = 2
-  model_def, states = sweep.init_states(family, tx, seeds)
-  bad = jnp.full((len(seeds),), -1, jnp.int32)
-  chunks = {}
-  for first, length, loops in plan:
-    if loops not in chunks:
-      chunks[loops] = sweep.make_sweep_chunk(family, model_def, tx, int(config.train.batch_size), loops)
-    states, bad, _ = chunks[loops](states, bad, jnp.int32(first), length)
-  for name, leaf in jax.device_get(states["params"]).items():
-    np.testing.assert_array_equal(result.params[name], leaf)
-  programs = sweep.compile_ahead(plan, lambda loops: chunks[loops], states, bad, workers=2)
-  assert set(programs) == {(1, 20), (2, 10), (2, 20)}
-  assert all(f.result() is not None for f in programs.values())

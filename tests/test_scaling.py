@@ -33,25 +33,26 @@ def _python(code: str, env: dict, timeout: float = 300):
 
 _SHORT_RUN = """
   import json, jax, jax.numpy as jnp, numpy as np
-  from loopicl import config as config_lib, distributed, family as family_lib, run, train
+  from loopicl import config as config_lib, distributed, registry, optim, run, step, train
   from tests.test_train import tiny_config
 
   def short_run(steps=20, per_call=5):
-    \"\"\"The training loop's own pieces: init, placement, jitted chunks.\"\"\"
+    \"\"\"The training loop's own pieces (one seed): init, placement, jitted chunks.\"\"\"
     config = tiny_config(**{"train.batch_size": 16})
-    family = family_lib.of(config)
-    tx = train.family_optimizer(family)
-    model_def, state = train.init_state(family, tx, config.train.seed)
-    state = distributed.place_state(state)
-    chunk = train.make_train_chunk(family, model_def, tx, 16, int(config.model.loops))
+    family = registry.of(config, training=True)
+    tx = optim.make_optimizer(config.train)
+    model_def, states = step.init_states(family, tx, [config.train.seed])
+    placement = step.Placement.of(1, 16)
+    states, bad = placement.place((states, jnp.full((1,), -1, jnp.int32)))
+    chunk = step.make_chunk(family, model_def, tx, 16, int(config.model.loops), placement)
     losses = []
     for first in range(0, steps, per_call):
-      state, bad, metrics = chunk(state, jnp.int32(first), per_call)
-      assert int(bad) < 0
-      losses += np.asarray(metrics["loss"]).tolist()
-    params = {k: np.asarray(distributed.host_value(v)).tolist() for k, v in state["params"].items()}
+      states, bad, metrics = chunk(states, bad, jnp.int32(first), per_call)
+      assert int(bad[0]) < 0
+      losses += np.asarray(metrics["loss"][0]).tolist()
+    params = {k: np.asarray(distributed.host_value(v))[0].tolist() for k, v in states["params"].items()}
     return {"devices": jax.device_count(), "losses": losses, "params": params,
-            "sharding": str(state["params"]["P"].sharding)}
+            "sharding": str(states["params"]["Q_xx"].sharding)}
 """
 
 
@@ -70,7 +71,7 @@ def four_device_child(tmp_path_factory):
   distributed.maybe_initialize(config)  # first thing: nothing has started JAX yet
   out = short_run()
   try:
-    train.make_train_chunk(None, None, None, 18, 2)
+    step.Placement.of(1, 18)
   except config_lib.ConfigError as e:
     out["refused"] = str(e)
   result = train.train_and_evaluate(config, {workdir!r}, log=lambda *a: None, progress=False)
@@ -230,17 +231,18 @@ def test_long_sharded_run_does_not_abort():
   (distributed.block) such a loop aborted the process after 60 s with jax 0.10.2."""
   out = _python("""
     import json, time, jax, jax.numpy as jnp
-    from loopicl import distributed, family as family_lib, train
+    from loopicl import family as family_lib, optim, step as step_lib
     from tests.test_train import tiny_config
     config = tiny_config(**{"train.batch_size": 16})
-    family = family_lib.of(config)
-    tx = train.family_optimizer(family)
-    model_def, state = train.init_state(family, tx, config.train.seed)
-    state = distributed.place_state(state)
-    chunk = train.make_train_chunk(family, model_def, tx, 16, 2)
+    family = registry.of(config, training=True)
+    tx = optim.make_optimizer(config.train)
+    model_def, states = step_lib.init_states(family, tx, [config.train.seed])
+    placement = step_lib.Placement.of(1, 16)
+    states, bad = placement.place((states, jnp.full((1,), -1, jnp.int32)))
+    chunk = step_lib.make_chunk(family, model_def, tx, 16, 2, placement)
     start, step = time.time(), 0
     while time.time() - start < 75:
-      state, bad, metrics = chunk(state, jnp.int32(step), 1)
+      states, bad, metrics = chunk(states, bad, jnp.int32(step), 1)
       step += 1
     print(json.dumps({"devices": jax.device_count(), "steps": step, "seconds": time.time() - start,
                       "finite": bool(jnp.isfinite(metrics["loss"]).all())}))

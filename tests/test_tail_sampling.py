@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import default
-from loopicl import config as config_lib, family as family_registry, train
+from loopicl import config as config_lib, registry, optim, step as step_lib
 from loopicl.errors import ConfigError
 from loopicl.linear import family as family_lib, tail_sampling, tasks
 from tests import numpy_reference
@@ -128,7 +128,8 @@ def test_training_loss_weights_each_prompt():
   """The loss of the path runs train with (LinearFamily.make_loss on its own sample) is Σ w ℓ."""
   cfg = default.get_config()
   cfg.task.n_context, cfg.model.loops = 15, 3
-  cfg.train.tail_pool, cfg.train.tail_prompts = 4, 4
+  cfg.model.parameterization = "full"
+  cfg.linear.tail_pool, cfg.linear.tail_prompts = "4", 4
   fam = family_lib.LinearFamily(cfg)
   model = fam.create_model(__import__("flax").nnx.Rngs(0))
   model.Q[...] = model.Q[...].at[:10, :10].set(0.05 * jnp.eye(10))
@@ -144,35 +145,56 @@ def test_training_loss_weights_each_prompt():
 
 def test_global_norm_does_not_overflow_and_clip_matches_optax():
   tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[2e20]])}
-  assert np.isfinite(float(train.global_norm(tree)))
-  np.testing.assert_allclose(float(train.global_norm(tree)), np.sqrt(9 + 16 + 4e40), rtol=1e-6)
-  clipped, _ = train.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+  assert np.isfinite(float(optim.global_norm(tree)))
+  np.testing.assert_allclose(float(optim.global_norm(tree)), np.sqrt(9 + 16 + 4e40), rtol=1e-6)
+  clipped, _ = optim.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
   np.testing.assert_allclose(float(clipped["b"][0, 0]), 1.0, rtol=1e-6)
   small = {"a": jnp.array([0.3, -2.0]), "b": jnp.array([[0.5]])}
   for limit in (1.0, 10.0):
-    ours, _ = train.clip_by_global_norm(limit).update(small, optax.EmptyState())
+    ours, _ = optim.clip_by_global_norm(limit).update(small, optax.EmptyState())
     ref, _ = optax.clip_by_global_norm(limit).update(small, optax.EmptyState())
     for k in small:  # bit for bit: runs that never overflowed train exactly as before
       np.testing.assert_array_equal(np.asarray(ours[k]), np.asarray(ref[k]))
   big = {"a": 30.0 * jax.random.normal(jax.random.key(0), (11, 11))}
-  assert np.array_equal(np.asarray(train.global_norm(big)), np.asarray(optax.tree.norm(big)))
+  assert np.array_equal(np.asarray(optim.global_norm(big)), np.asarray(optax.tree.norm(big)))
 
 
-@pytest.mark.parametrize("field, value", [("tail_pool", 0), ("tail_prompts", 128), ("tail_prompts", -1)])
+@pytest.mark.parametrize("field, value", [("tail_pool", "0"), ("tail_pool", "8x"),
+                                          ("tail_prompts", 128), ("tail_prompts", -1)])
 def test_bad_tail_fields_fail_in_one_line(field, value):
   cfg = default.get_config()
-  cfg.train[field] = value
-  with pytest.raises(ConfigError, match=f"train.{field}") as e:
+  cfg.linear[field] = value
+  with pytest.raises(ConfigError, match=f"linear.{field}") as e:
     config_lib.validate(cfg)
   assert "\n" not in str(e.value)
+
+
+def test_auto_pool_is_64_only_for_deep_loops_on_few_examples():
+  """linear.tail_pool = "auto" (the default): 64 candidates per kept prompt where T ≥ 20 and
+  n < 3d, 8 elsewhere — checked against the rule written out, on the learning table's settings
+  and around both edges; the family trains with what it resolves."""
+  from configs import learning as learning_config
+  from loopicl.experiments import learning
+  config = learning_config.get_config()
+  for s in config.grid.settings:
+    p = learning.setting_dict(s)
+    exp = learning.experiment_config(config, p)
+    want = 64 if (p["loops"] >= 20 and p["n"] < 3 * p["d"]) else 8
+    assert exp.linear.tail_pool == "auto"
+    assert family_lib.LinearFamily(exp).tail_pool == want, p
+    assert exp.linear.tail_prompts == exp.train.batch_size // 8
+  for (loops, d, n), pool in {(19, 10, 15): 8, (20, 10, 15): 64, (20, 10, 29): 64, (20, 10, 30): 8,
+                              (40, 10, 5): 64, (5, 10, 5): 8}.items():
+    assert tail_sampling.auto_pool(loops, d, n) == pool, (loops, d, n)
+  assert tail_sampling.resolve_pool("3", 20, 10, 15) == 3
 
 
 def test_a_run_trains_on_tail_holding_batches(tmp_path):
   """The path users run (train_and_evaluate, the jitted scan of steps) with tail_pool > 1: it
   trains, learns, and its batches differ from the uniform run's (the parameters do too)."""
   from tests.test_train import _final_params, _metrics_lines, _run, tiny_config
-  _run(tiny_config(**{"train.tail_pool": 1, "train.tail_prompts": 0}), tmp_path / "uniform")
-  tail = _run(tiny_config(**{"train.tail_pool": 4, "train.tail_prompts": 4}), tmp_path / "tail")
+  _run(tiny_config(**{"linear.tail_pool": "1", "linear.tail_prompts": 0}), tmp_path / "uniform")
+  tail = _run(tiny_config(**{"linear.tail_pool": "4", "linear.tail_prompts": 4}), tmp_path / "tail")
   step_u, p_u = _final_params(tmp_path / "uniform")
   step_t, p_t = _final_params(tmp_path / "tail")
   assert step_u == step_t == tail["step"] == 60
@@ -212,16 +234,16 @@ def test_kernel_and_xla_scoring_draw_the_same_batch(n):
 
 
 def test_training_samples_with_the_kernel_exactly_when_the_model_does():
-  """The training step a run builds (train.make_train_step) scores its pool with the fused kernel
+  """The training step a run builds (step.make_train_step) scores its pool with the fused kernel
   when model.kernel resolves to it, and with XLA otherwise: read from the lowered program."""
   for kernel, expected in (("cpu", True), ("xla", False)):
     cfg = default.get_config()
     cfg.task.d, cfg.task.n_context, cfg.model.loops, cfg.train.batch_size = 4, 8, 2, 16
-    cfg.train.tail_prompts = 2
+    cfg.linear.tail_prompts = 2
     cfg.model.kernel = kernel
-    family = family_registry.of(cfg)
-    tx = train.family_optimizer(family)
-    model_def, state = train.init_state(family, tx, 0)
-    step = jax.jit(train.make_train_step(family, model_def, tx, 16, 2))
+    family = registry.of(cfg, training=True)
+    tx = optim.make_optimizer(cfg.train)
+    model_def, state = step_lib.init_state(family, tx, 0)
+    step = jax.jit(step_lib.make_train_step(family, model_def, tx, 16, 2))
     text = step.lower(state, jnp.int32(0)).as_text()
     assert ("loopicl_candidate_scores" in text) == expected, kernel

@@ -3,7 +3,7 @@ loop on one chart), an HParams record comparing runs, and non-finite values as c
 import numpy as np
 import pytest
 
-from loopicl import family as family_lib, runlog, train
+from loopicl import registry, runlog, train
 from tests.test_train import tiny_config
 
 
@@ -56,7 +56,7 @@ def test_hparams_record_holds_the_config_and_the_metrics(run_dir):
   meta = acc.SummaryMetadata("_hparams_/experiment")
   experiment = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content).experiment
   metrics = {m.name.tag for m in experiment.metric_infos}
-  assert metrics == set(family_lib.get("linear_regression").hparam_metrics)
+  assert metrics == set(registry.get("linear_regression").hparam_metrics)
 
 
 def test_nonfinite_scalars_are_counted_not_written(tmp_path):

@@ -22,8 +22,8 @@ TINY_OVERRIDES = {
     "train.steps": 60, "train.steps_per_call": 10, "train.log_every": 10, "train.warmup_steps": 5,
     "eval.every": 20, "eval.num_prompts": 64, "checkpoint.every": 20, "checkpoint.keep": 3,
     "train.curriculum_start": 0,  # T from the first step (the default curriculum adds a loop per 100)
-    "train.tail_pool": 2,  # tail-holding batches as by default, from 2× (not 8×) the candidates: the
-                           # candidate draw dominated these tiny runs (suite 603-610 s against 600)
+    "linear.tail_pool": "2",  # tail-holding batches as by default, from 2× (not 8×) the candidates:
+                              # the candidate draw dominated these tiny runs
 }
 
 
@@ -102,7 +102,7 @@ def test_tensorboard_has_scalars_images_and_config(reference_run):
 
 def test_loss_window_normalization_and_curriculum_train(tmp_path):
   """The loss options of issue 5 run through the jitted step and keep the loss finite."""
-  result = _run(tiny_config(**{"model.loops": 4, "train.loss_loops": 3, "train.loss_normalization": "gd",
+  result = _run(tiny_config(**{"model.loops": 4, "linear.loss_loops": 3, "linear.loss_normalization": "gd",
                                "train.curriculum_start": 1, "train.curriculum_every": 10,
                                "train.steps": 40, "eval.every": 40, "checkpoint.every": 40}), tmp_path / "opts")
   assert result["step"] == 40 and np.isfinite(result["test_error"])
@@ -176,6 +176,34 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert run.load_trained(str(workdir))[2] == 20
 
 
+def test_a_config_missing_a_field_is_refused_naming_it(tmp_path):
+  """Every field has its default in the schema (config.defaults); a config without one would
+  silently train another recipe, so it is refused before any work."""
+  config = tiny_config()
+  del config.train["adam_b2"]
+  with pytest.raises(config_lib.ConfigError, match=r"config\.train\.adam_b2 is missing") as info:
+    _run(config, tmp_path / "missing")
+  assert "\n" not in str(info.value) and not (tmp_path / "missing").exists()
+
+
+def test_a_run_directory_of_another_release_is_refused_and_kept(tmp_path):
+  """A workdir whose config.json has other fields (an older release: train.construction_steps,
+  no linear section) is refused in one line naming them; nothing in it is touched."""
+  workdir = tmp_path / "old"
+  _run(tiny_config(**{"train.steps": 20}), workdir)
+  stored = json.loads((workdir / "config.json").read_text())
+  stored["train"]["construction_steps"] = -1
+  stored["train"]["tail_pool"] = stored.pop("linear")["tail_pool"]
+  (workdir / "config.json").write_text(json.dumps(stored))
+  before = sorted(os.listdir(workdir)), _metrics_lines(workdir)
+  with pytest.raises(train.RunError, match="another release") as info:
+    _run(tiny_config(**{"train.steps": 40}), workdir)
+  message = str(info.value)
+  assert "\n" not in message and "train.construction_steps" in message and "linear.tail_pool" in message
+  assert (sorted(os.listdir(workdir)), _metrics_lines(workdir)) == before
+  assert json.loads((workdir / "config.json").read_text()) == stored
+
+
 def test_shape_change_refused_harmless_change_allowed(tmp_path):
   workdir = tmp_path / "shape"
   _run(tiny_config(**{"train.steps": 20}), workdir)
@@ -192,7 +220,10 @@ def test_shape_change_refused_harmless_change_allowed(tmp_path):
     ({"task.noise_std": -0.1}, "config.task.noise_std"),
     ({"train.batch_size": 0}, "config.train.batch_size"),
     ({"train.optimizer": "adagrad"}, "config.train.optimizer"),
-    ({"train.loss_loops": 5}, "config.train.loss_loops"),
+    ({"linear.loss_loops": 5}, "config.linear.loss_loops"),
+    ({"linear.tail_pool": "0"}, "config.linear.tail_pool"),
+    ({"linear.tail_pool": "many"}, "config.linear.tail_pool"),
+    ({"model.parameterization": "masked"}, "config.model.parameterization"),
 ])
 def test_invalid_values_fail_before_any_work(tmp_path, overrides, field):
   workdir = tmp_path / "bad"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 import jax
+import ml_collections
 from flax import nnx
 
-from loopicl import config as config_lib, family as family_lib
+from loopicl import family as family_lib, fields as config_lib
 from loopicl.concepts import model as concept_model, task as concepts
-from loopicl.linear import tasks as linear_tasks
 
 
 def _flatten(metrics: dict) -> dict:
@@ -27,12 +27,10 @@ def _flatten(metrics: dict) -> dict:
   return flat
 
 
-@family_lib.register
 class ConceptFamily(family_lib.Family):
   """ConceptTransformer trained with the logistic loss on concept-coded prompts."""
 
   kinds = (concepts.KIND,)
-  model_fields = frozenset({"mlp_width", "heads", "init_scale", "remat", "unroll"})
   shape_fields = ("task.dim", "task.num_concepts", "model.mlp_width", "model.heads")
   trainable = nnx.Param  # not FixedOutput: the output layer stays at ±1/m
   hparam_metrics = ("eval/test_zero_one", "eval/test_cross_entropy", "eval/ood_unseen_zero_one",
@@ -43,21 +41,19 @@ class ConceptFamily(family_lib.Family):
     return concepts.default_config()
 
   @classmethod
+  def model_config(cls):
+    m = ml_collections.ConfigDict()
+    m.heads = 1                 # softmax attention heads
+    m.mlp_width = 32            # m: ReLU neurons; the output layer is fixed at ±1/m
+    m.init_scale = 1.0          # weights ~ N(0, init_scale² / (2·dim))
+    return m
+
+  @classmethod
   def validate(cls, cfg) -> None:
     config_lib.check_task(concepts.validate, cfg.task)
     config_lib.field_real(cfg, "model", "init_scale", 0.0, strict=True)
-    for name in ("remat", "unroll"):  # carried over from the default config; unused here
-      if name in cfg.model:
-        (config_lib.field_bool if name == "remat" else config_lib.field_int)(cfg, "model", name)
-    for name, off in (("tail_pool", 1), ("tail_prompts", 0)):  # the tail score is λ_max(Σ̂)
-      if cfg.train.get(name, off) != off:
-        config_lib.fail(f"train.{name}", cfg.train[name],
-                        f"{off} for task.kind={cfg.task.kind!r} (tail-holding batches exist for "
-                        f"{' | '.join(linear_tasks.TASK_KINDS)} only)")
-    if cfg.train.get("construction_steps", 0) != 0:
-      config_lib.fail("train.construction_steps", cfg.train.construction_steps,
-                      f"0 for task.kind={cfg.task.kind!r} (the GD construction exists for "
-                      f"{' | '.join(linear_tasks.TASK_KINDS)} only)")
+    config_lib.field_int(cfg, "model", "heads")
+    config_lib.field_int(cfg, "model", "mlp_width")
 
   def create_model(self, rngs: nnx.Rngs) -> concept_model.ConceptTransformer:
     m = self.config.model

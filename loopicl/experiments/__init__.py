@@ -4,5 +4,4 @@
   benchmark.py         speed of the real training step against the matmul peak (scripts/benchmark.py)
   benchmark_modes.py   the benchmark's n-scaling, remat-memory and host-device modes, its table
   sweep_benchmark.py   K vmapped seeds against K separate runs (scripts/benchmark_sweep.py)
-  large_t.py           which training recipe makes T = 20 train (scripts/large_t_recipes.py)
 """

@@ -1,8 +1,8 @@
 """How fast the training step runs, and how close that is to what the machine can do.
 
 The unit is the whole optimizer step as `train.py` runs it — sampling the batch on device, the
-looped forward pass, the gradient, clipping and Adam — timed through `train.make_train_chunk`
-(`train.steps_per_call` steps per jitted call, state donated, the batch split over the devices
+looped forward pass, the gradient, clipping and the optimizer — timed through the training
+loop's own program (`step.make_chunk`, `train.steps_per_call` steps per jitted call, state donated, the batch split over the devices
 when there are several), so a number here is a number of the real training loop.  Rows are
 named form/kernel: the config's kernel as `model.resolve_kernel` resolves it ("cpu": the fused
 C++ loop of loopicl/kernels; "xla": plain JAX), and, when that is "cpu", the plain XLA step
@@ -39,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from loopicl import distributed, family as family_lib, train
+from loopicl import registry, optim, step as step_lib
 from loopicl.linear import model as model_lib, tasks
 
 PEAK_SIZE = 2048
@@ -62,7 +62,7 @@ def loop_flops(d: int, d_out: int, n: int, m: int, form: str) -> int:
 def step_flops(config, form: str | None = None) -> int:
   """FLOPs of one training step: 3 (forward + backward) · T · batch · loop_flops."""
   t = config.task
-  form = form or config.model.get("form", "reassociated")
+  form = form or config.model.form
   per_loop = loop_flops(int(t.d), int(t.d_out), int(t.n_context), tasks.num_queries(t), form)
   return 3 * int(config.model.loops) * int(config.train.batch_size) * per_loop
 
@@ -72,7 +72,7 @@ def step_flops(config, form: str | None = None) -> int:
 def _with_form(config, form: str | None, kernel: str | None = None):
   """A copy of `config` whose model uses `form` (and `kernel`, if given)."""
   config = config.copy_and_resolve_references()
-  config.model.form = form or config.model.get("form", "reassociated")
+  config.model.form = form or config.model.form
   if kernel is not None:
     config.model.kernel = kernel
   return config
@@ -80,8 +80,7 @@ def _with_form(config, form: str | None, kernel: str | None = None):
 
 def resolved_kernel(config, form: str | None = None) -> str:
   """The kernel the model of `config` (with `form`) runs: "xla" or "cpu" (model.resolve_kernel)."""
-  return model_lib.resolve_kernel(config.model.get("kernel", "xla"),
-                                  form or config.model.get("form", "reassociated"))
+  return model_lib.resolve_kernel(config.model.kernel, form or config.model.form)
 
 
 def _check_task(config) -> None:
@@ -91,22 +90,32 @@ def _check_task(config) -> None:
 
 
 def _family_state(config):
-  """(family, tx, model_def, state) of `config`, exactly as train_and_evaluate builds them."""
+  """(family, tx, model_def, state) of `config`, exactly as the training loop builds them."""
   _check_task(config)
-  family = family_lib.of(config)
-  tx = train.family_optimizer(family)
-  model_def, state = train.init_state(family, tx, config.train.seed)
+  family = registry.of(config, training=True)
+  tx = optim.make_optimizer(config.train)
+  model_def, state = step_lib.init_state(family, tx, config.train.seed)
   return family, tx, model_def, state
 
 
 def build(config, form: str | None = None, kernel: str | None = None):
-  """(chunk, state, family, model_def, tx) for `config`, exactly as train_and_evaluate runs it."""
+  """(chunk, states, family, model_def, tx) for `config`, exactly as train_and_evaluate runs it:
+  the training loop's program (step.make_chunk) for one seed, placed as the loop places it.
+  `chunk(states, first_step, length) -> (states, first_bad_step, metrics)`; `chunk.lower(states,
+  first_step, length)` lowers it (cost and memory analysis)."""
   config = _with_form(config, form, kernel)
   family, tx, model_def, state = _family_state(config)
-  state = distributed.place_state(state)
-  chunk = train.make_train_chunk(family, model_def, tx, int(config.train.batch_size),
-                                 int(config.model.loops))
-  return chunk, state, family, model_def, tx
+  placement = step_lib.Placement.of(1, int(config.train.batch_size))
+  states, bad = placement.place((step_lib.stack([state]), jnp.full((1,), -1, jnp.int32)))
+  jitted = step_lib.make_chunk(family, model_def, tx, int(config.train.batch_size),
+                               int(config.model.loops), placement)
+
+  def chunk(states, first_step, length):
+    states, first_bad, metrics = jitted(states, bad, first_step, length)
+    return states, first_bad[0], metrics
+
+  chunk.lower = lambda states, first_step, length: jitted.lower(states, bad, first_step, length)
+  return chunk, states, family, model_def, tx
 
 
 def xla_step_flops(config, form: str | None = None) -> float:
@@ -114,7 +123,7 @@ def xla_step_flops(config, form: str | None = None) -> float:
   config = _with_form(config, form, kernel="xla")  # XLA cannot count inside a foreign call
   config.model.unroll = int(config.model.loops)
   family, tx, model_def, state = _family_state(config)
-  step = train.make_train_step(family, model_def, tx, int(config.train.batch_size),
+  step = step_lib.make_train_step(family, model_def, tx, int(config.train.batch_size),
                                int(config.model.loops))
   cost = jax.jit(step).lower(state, jnp.int32(0)).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

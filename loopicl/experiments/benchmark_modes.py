@@ -90,7 +90,7 @@ def remat_memory(config, base_flags: list[str], *, loops: int = 100, d: int = 20
     fields = {"model.loops": loops, "task.d": d, "task.n_context": n, "model.remat": remat}
     c = _with(config, **fields)
     chunk, state, *_ = build(c)
-    compiled = chunk.jitted.lower(state, jnp.int32(0), int(c.train.steps_per_call)).compile()
+    compiled = chunk.lower(state, jnp.int32(0), int(c.train.steps_per_call)).compile()
     mem = compiled.memory_analysis()
     row = {"remat": remat, "loops": loops, "d": d, "n": n, "batch": int(c.train.batch_size),
            "temp_bytes": int(mem.temp_size_in_bytes),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from typing import Callable
 
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl import config as config_lib, distributed, stats, sweep
+from loopicl import config as config_lib, distributed, stats, study, sweep
 from loopicl.errors import ConfigError
 from loopicl.experiments.reproduce import compute, step_rules
 from loopicl.linear import spectral, tasks, weights
@@ -168,49 +167,41 @@ def tuned_steps(config, task, T: int) -> dict:
           for name in ("gd", "pgd")}
 
 
-def _path(workdir, p):
-  return os.path.join(workdir, "points", setting_id(p) + ".json")
+class LearningStudy:
+  """The learning table's settings for the study runner (loopicl/study.py)."""
+  point_key = "setting"
+
+  def __init__(self, config):
+    self.config = config
+    self.seeds = list(config.grid.seeds)
+
+  def points(self):
+    return [setting_dict(s) for s in self.config.grid.settings]
+
+  def point_id(self, p):
+    return setting_id(p)
+
+  def fingerprint(self, p):
+    return fingerprint(self.config, p)
+
+  def compute(self, p, log):
+    return run_setting(self.config, p, log)
+
+  def write_outputs(self, workdir, data, figures):
+    from loopicl.experiments import learning_outputs
+    return learning_outputs.write(self.config, data, workdir, figures=figures)
 
 
 def load_points(config, workdir: str) -> dict:
-  out = {}
-  for s in config.grid.settings:
-    p = setting_dict(s)
-    try:
-      with open(_path(workdir, p)) as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      continue
-    if data.get("fingerprint") == fingerprint(config, p):
-      out[setting_id(p)] = data
-  return out
+  """{setting id: data} for the settings on disk and current."""
+  return study.load_points(LearningStudy(config), workdir)
 
 
 def run(config, workdir: str, *, log: Callable[[str], None] = print) -> list[dict]:
   """Runs (or resumes) every setting; rebuilds the outputs after each; returns the rows."""
   validate(config)
   distributed.set_cpu_devices(int(config.grid.cpu_devices))
-  os.makedirs(os.path.join(workdir, "points"), exist_ok=True)
-  start = time.time()
-  for i, s in enumerate(config.grid.settings, start=1):
-    p = setting_dict(s)
-    pid, fp = setting_id(p), fingerprint(config, p)
-    path = _path(workdir, p)
-    if os.path.exists(path):
-      with open(path) as f:
-        if json.load(f).get("fingerprint") == fp:
-          continue
-    t0 = time.time()
-    log(f"[{i}/{len(config.grid.settings)}] {pid} ({len(config.grid.seeds)} seeds) ...")
-    data = run_setting(config, p, log)
-    data.update(setting=p, fingerprint=fp, wall_s=time.time() - t0, id=pid)
-    with open(path + ".tmp", "w") as f:
-      json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
-    log(f"[{i}/{len(config.grid.settings)}] {pid} done in {time.time() - t0:.0f} s "
-        f"({time.time() - start:.0f} s so far)")
-    write_outputs(config, workdir, figures=False)
-  return write_outputs(config, workdir, figures=bool(config.grid.figures))
+  return study.run(LearningStudy(config), workdir, figures=bool(config.grid.figures), log=log)
 
 
 def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Which prompts decide a learning point's mean (scripts/learning.py --tails, --population=N).
+"""Which prompts decide a learning point's mean (scripts/learning_tails.py --tails, --population=N).
 
 At n/d = 1.5 and T = 20 the error of a looped model is an extreme-value statistic: a prompt whose
 loop map I − Σ̂Â has a spectral radius above 1 grows its error like radius^(2T), and a few such

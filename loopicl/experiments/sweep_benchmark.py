@@ -1,11 +1,11 @@
 """Wall time of K seeds trained in one vmapped program against K sequential single-seed runs.
 
 Both sides do the same training work on the same config: the sequential side is what K separate
-runs do (each builds and compiles its own `train.make_train_chunk`, then runs its chunks); the
+runs do (each builds and compiles its own one-seed program, step.make_chunk, then runs its chunks); the
 vmapped side is `sweep.train_seeds` (one compile, K seeds per dispatch).  Evaluation and
 checkpointing are left out of both.  With k host CPU devices each sequential run splits its batch
 over them (data parallel, as train.py does), the vmapped program splits the seeds
-(sweep.seed_mesh).  scripts/benchmark_sweep.py is the command line (cli.run_benchmark_sweep).
+(step.seed_mesh).  scripts/benchmark_sweep.py is the command line (cli.run_benchmark_sweep).
 """
 from __future__ import annotations
 
@@ -16,27 +16,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl import family as family_lib, sweep, train
+from loopicl import registry, optim, schedule, step as step_lib, sweep
 
 
 def sequential(config, seeds):
-  """K single-seed runs one after another; returns (total s, first-chunk s summed, params)."""
+  """K single-seed runs one after another (each the loop's K = 1 program, as train.py runs it);
+  returns (total s, first-chunk s summed, params)."""
   total, first, out = time.time(), 0.0, []
   for seed in seeds:
-    family = family_lib.of(config)
-    tx = train.family_optimizer(family)
-    model_def, state = train.init_state(family, tx, seed)
+    family = registry.of(config, training=True)
+    tx = optim.make_optimizer(config.train)
+    model_def, states = step_lib.init_states(family, tx, [seed])
+    placement = step_lib.Placement.of(1, int(config.train.batch_size))
+    states, bad = placement.place((states, jnp.full((1,), -1, jnp.int32)))
     chunks = {}
-    for i, (step, length, loops) in enumerate(train.chunk_plan(config)):
+    for i, (step, length, loops) in enumerate(schedule.chunk_plan(config)):
       t0 = time.time()
       if loops not in chunks:
-        chunks[loops] = train.make_train_chunk(family, model_def, tx,
-                                               int(config.train.batch_size), loops)
-      state, bad, _ = chunks[loops](state, jnp.int32(step), length)
+        chunks[loops] = step_lib.make_chunk(family, model_def, tx, int(config.train.batch_size),
+                                            loops, placement)
+      states, bad, _ = chunks[loops](states, bad, jnp.int32(step), length)
       if i == 0:
-        jax.block_until_ready(state)
+        jax.block_until_ready(states)
         first += time.time() - t0
-    out.append(jax.device_get(state["params"]))
+    out.append(jax.device_get(step_lib.unstack(states["params"], 0)))
   return time.time() - total, first, out
 
 

@@ -4,33 +4,30 @@
       --sweep train.learning_rate=1e-3,3e-3 --seeds 4 --workdir runs/sweep1
 
 Every point of the product (loops × learning rates above) trains its seeds in one vmapped program
-(`sweep.make_sweep_chunk`: one compile, K seeds per dispatch), and every seed writes an ordinary
+(the shared loop, loop.py: one compile, K seeds per dispatch), and every seed writes an ordinary
 run directory, `<workdir>/<point>/seed<s>/`, exactly what `scripts/train.py` with train.seed = s
 writes — config.json, checkpoints, metrics.jsonl, TensorBoard — so `scripts/evaluate.py` and
 TensorBoard read it like any run (`tensorboard --logdir <workdir>` compares them all, HParams
 tab included).  A seed whose loss turns non-finite freezes at its last good state and is reported;
 the others go on.  A killed sweep resumes: rerun the same command — finished points are read
-back, a half-trained point continues from its seeds' newest common checkpoint.
+back (points/<point>.json, the study runner's: loopicl/study.py), a half-trained point continues
+from its seeds' newest common checkpoint.
 `<workdir>/sweep.csv` (one row per point × seed: the swept values, the final metrics) and
 `summary.md` (mean and median over seeds per point) and `sweep.png` (+ .pdf) are rebuilt at the end.
 """
 from __future__ import annotations
 
 import ast
-import contextlib
 import csv
+import hashlib
 import itertools
+import json
 import os
 import re
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from loopicl import checkpointing, config as config_lib, family as family_lib, jsonfile
-from loopicl import run as run_lib
-from loopicl import runlog, stats, sweep, train
+from loopicl import config as config_lib, jsonfile, loop, runlog, stats, study
 from loopicl.errors import ConfigError
 
 
@@ -113,128 +110,60 @@ def point_config(config, point: dict):
 
 # -- one point: K seeds in one program, K run directories ----------------------------------------
 
-def _restore(ckpts, states, log):
-  """(step, states): the seeds' newest common good checkpoint (a sweep killed between two seeds'
-  saves left one seed a checkpoint ahead: it is restored at the common step, and keeps its newer
-  checkpoint on disk), or (0, states) if any seed has none."""
-  seeds = range(len(ckpts))
-  one = [jax.tree.map(lambda x, k=k: x[k], states) for k in seeds]
-  found = [ckpt.restore_latest(state, log=log) for ckpt, state in zip(ckpts, one)]
-  if any(step is None for step, _ in found):
-    return 0, states
-  step = min(int(s) for s, _ in found)
-  restored = [st if int(s) == step else ckpt.restore(step, target)
-              for (s, st), ckpt, target in zip(found, ckpts, one)]
-  return step, jax.tree.map(lambda *leaves: jnp.stack(leaves), *restored)
-
-
-@contextlib.contextmanager
-def _closing(resource):
-  try:
-    yield resource
-  finally:
-    resource.close()
-
-
 def run_point(config, point_dir: str, seeds, *, log=print) -> list[dict]:
-  """Trains (or resumes) `config` for every seed, vmapped; each seed writes the run directory
-  `<point_dir>/seed<s>` as train_and_evaluate would.  Returns one record per seed: seed, step,
-  diverged_at, metrics (the last evaluation's scalars)."""
-  family = family_lib.of(config)
-  tx = train.family_optimizer(family)
-  configs = []
-  for s in seeds:
-    c = config.copy_and_resolve_references()
-    c.train.seed = int(s)
-    configs.append(c)
+  """Trains (or resumes) `config` for every seed in the shared loop (loop.py), vmapped; each
+  seed writes the run directory `<point_dir>/seed<s>` as train_and_evaluate would.  Returns one
+  record per seed: seed, step, diverged_at, metrics (the last evaluation's scalars)."""
+  seeds = [int(s) for s in seeds]
   dirs = [os.path.join(point_dir, f"seed{s}") for s in seeds]
-  with contextlib.ExitStack() as stack:
-    for d in dirs:
-      stack.enter_context(run_lib.WorkdirLock(d))
-    for c, d in zip(configs, dirs):
-      run_lib.prepare_workdir(c, d, log)
-    model_def, states = sweep.init_states(family, tx, seeds)
-    ckpts = [stack.enter_context(_closing(checkpointing.Checkpointer(
-        os.path.join(d, "checkpoints"), int(config.checkpoint.keep)))) for d in dirs]
-    step, states = _restore(ckpts, states, log)
-    rlogs = [stack.enter_context(_closing(runlog.RunLog(d))) for d in dirs]
-    for c, rl in zip(configs, rlogs):
-      rl.truncate_after(step)
-      if step == 0:
-        rl.start_run(c, family)
-    return _train_point(config, family, tx, model_def, states, step, ckpts, rlogs, seeds, log)
+  result = loop.train(config, seeds, dirs, log=log)
+  return [{"seed": s, "step": int(result.evaluations[k].get("step", result.step)),
+           "diverged_at": int(result.diverged_at[k]),
+           "metrics": _scalar_metrics(result.evaluations[k])} for k, s in enumerate(seeds)]
 
 
-def _train_point(config, family, tx, model_def, states, step, ckpts, rlogs, seeds, log):
-  K, total = len(seeds), int(config.train.steps)
-  mesh = sweep.seed_mesh(K)
-  states, bad = sweep.place_seeds((states, jnp.full((K,), -1, jnp.int32)), mesh)
-  evaluate = family.make_evaluator()
-  chunks, last, recent = {}, [{} for _ in seeds], [{} for _ in seeds]
-  diverged = np.full(K, -1)
-  t_last, steps_since = time.time(), 0
-  while step < total:
-    loops = train.loops_at(config, step)
-    end = train.next_boundary(config, step, total)
-    if loops not in chunks:
-      chunks[loops] = sweep.make_sweep_chunk(family, model_def, tx, int(config.train.batch_size),
-                                             loops, mesh)
-    states, bad, metrics = chunks[loops](states, bad, jnp.int32(step), end - step)
-    metrics = {k: np.asarray(v) for k, v in metrics.items()}                 # [K, length]
-    newly = (np.asarray(bad) >= 0) & (diverged < 0)
-    for k in np.flatnonzero(newly):
-      diverged[k] = int(np.asarray(bad)[k])
-      log(f"  seed {seeds[k]}: non-finite loss or gradient at step {diverged[k]}; frozen at its "
-          "last good state (the other seeds go on)")
-    steps_since += end - step
-    step = end
-    steps_per_s = steps_since / max(time.time() - t_last, 1e-9)
-    params = None
-    for k in np.flatnonzero(diverged < 0):
-      mine = {name: v[k] for name, v in metrics.items()}
-      recent[k] = {n: v[-int(config.train.steps_per_call):] for n, v in mine.items() if n != "grad_norm"}
-      if step % config.train.log_every == 0 or step == total:
-        rlogs[k].train_chunk(step, mine, learning_rate=float(train.learning_rate_schedule(config.train)(step)),
-                             steps_per_s=steps_per_s, loops=loops)
-      if step % config.eval.every == 0 or step == total:
-        params = jax.device_get(states["params"]) if params is None else params
-        model = model_def.merge(jax.tree.map(lambda x: x[k], params))
-        last[k] = rlogs[k].evaluation(step, evaluate(model), recent[k])
-        family.log_extras(rlogs[k], step, model, last[k])
-        rlogs[k].flush()
-      # A seed resumed behind its own newest checkpoint recomputes that step bit for bit (same
-      # program, same state): the checkpoint already on disk is that state, kept as it is.
-      if (step % config.checkpoint.every == 0 or step == total) and step not in ckpts[k].all_steps():
-        ckpts[k].save(step, jax.tree.map(lambda x: x[k], states))
-    if step % config.train.log_every == 0:
-      t_last, steps_since = time.time(), 0
-  if not any(last):  # a finished point launched again: evaluate, write nothing
-    params = jax.device_get(states["params"])
-    last = [evaluate(model_def.merge(jax.tree.map(lambda x: x[k], params))) for k in range(K)]
-  return [{"seed": int(s), "step": int(last[k].get("step", step)), "diverged_at": int(diverged[k]),
-           "metrics": _scalar_metrics(last[k])} for k, s in enumerate(seeds)]
+class SweepStudy:
+  """The sweep's points for the study runner (loopicl/study.py): each point's record is
+  points/<point>.json; its seeds' run directories are <workdir>/<point>/seed<s>."""
+  point_key = "point"
+
+  def __init__(self, config, sweeps, seeds):
+    self.config, self.sweeps, self.seeds = config, sweeps, [int(s) for s in seeds]
+    self._points = points(sweeps)
+    self._configs = {point_name(p): point_config(config, p) for p in self._points}  # all valid first
+
+  def points(self):
+    return self._points
+
+  def point_id(self, p):
+    return point_name(p)
+
+  def fingerprint(self, p):
+    blob = json.dumps({"config": self._configs[point_name(p)].to_dict(), "seeds": self.seeds},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+  def compute(self, p, log):
+    name = point_name(p)
+    return {"records": run_point(self._configs[name], os.path.join(self.workdir, name), self.seeds,
+                                 log=log)}
+
+  def write_outputs(self, workdir, data, figures):
+    rows = [dict(r, point=d["point"]) for d in data.values() for r in d["records"]]
+    write_outputs(workdir, self.sweeps, rows, figures=figures)
+    return rows
 
 
 def run(config, sweeps, seeds, workdir: str, *, log=print) -> list[dict]:
   """Runs (or resumes) every point of the sweep in `workdir`; writes sweep.csv, summary.md and the
   figure after each point.  Returns the sweep.csv records."""
-  seeds = [int(s) for s in seeds]
-  todo = points(sweeps)
-  configs = [point_config(config, p) for p in todo]  # every point valid before any work
+  sweep = SweepStudy(config, sweeps, seeds)  # every point valid before any work
+  sweep.workdir = workdir
   os.makedirs(workdir, exist_ok=True)
   jsonfile.write(os.path.join(workdir, "sweep.json"),
-                 {"sweeps": [[f, v] for f, v in sweeps], "seeds": seeds,
+                 {"sweeps": [[f, v] for f, v in sweeps], "seeds": sweep.seeds,
                   "config": config.to_dict()}, indent=1, sort_keys=True)
-  rows = []
-  for i, (p, c) in enumerate(zip(todo, configs), start=1):
-    name = point_name(p)
-    log(f"[{i}/{len(todo)}] {name} ({len(seeds)} seeds)")
-    t0 = time.time()
-    for record in run_point(c, os.path.join(workdir, name), seeds, log=log):
-      rows.append(dict(record, point=p))
-    log(f"[{i}/{len(todo)}] {name} done in {time.time() - t0:.0f} s")
-    write_outputs(workdir, sweeps, rows)
-  return rows
+  return study.run(sweep, workdir, log=log)
 
 
 # -- outputs --------------------------------------------------------------------------------------
@@ -244,7 +173,7 @@ def _scalar_metrics(result: dict) -> dict:
           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
-def write_outputs(workdir: str, sweeps, rows: list[dict]) -> None:
+def write_outputs(workdir: str, sweeps, rows: list[dict], *, figures: bool = True) -> None:
   """sweep.csv (one row per point × seed), summary.md and sweep.png/.pdf."""
   fields = [f for f, _ in sweeps]
   metrics = sorted({k for r in rows for k in r["metrics"]})
@@ -260,7 +189,7 @@ def write_outputs(workdir: str, sweeps, rows: list[dict]) -> None:
   os.replace(path + ".tmp", path)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(summary_markdown(sweeps, rows))
-  if rows:
+  if rows and figures:
     runlog.save_figure(figure(sweeps, rows), workdir, "sweep")
 
 

@@ -7,7 +7,9 @@
   algorithms.py    reference algorithms beyond GD: conjugate gradients, Chebyshev, Newton–Schulz,
                    progressively whitened GD (an exact looped construction)
   weights.py       scale-invariant comparison of (P, Q) with the construction
-  training.py      the GD warm start and the construction phase of the optimizer
+  training.py      how a model starts: random, or the GD warm start
+  schema.py        the family's config schema: model fields, the `linear` section, their checks
+  formatting.py    number and table formatting shared by the report and the ladder
   family.py        the family: schema, loss, training-time evaluator, summary (registered)
   evaluation.py    the offline report: per-prompt metrics against GD, `analyze` assembles it
   baselines.py     the baselines' tuned knobs on separate scan prompts (η*, c*·Σ⁻¹, ridge λ*)

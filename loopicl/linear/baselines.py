@@ -85,7 +85,7 @@ def best_ridge(X, Y, X_query, targets, *, rel_tol: float = 1e-3,
 
 def sample_sigma_hats(task_config, seed: int, count: int) -> np.ndarray:
   """Σ̂ = X Xᵀ/n of `count` prompts with x_i ~ N(0, Σ) (numpy float64, numpy's generator `seed`):
-  [count, d, d].  For closed-form studies of preconditioned GD (scripts/adam_memory.py)."""
+  [count, d, d].  For closed-form studies of preconditioned GD."""
   d, n = int(task_config.d), int(task_config.n_context)
   root = np.linalg.cholesky(tasks.covariance(task_config))
   X = root @ np.random.default_rng(seed).standard_normal((count, d, n))
@@ -103,8 +103,7 @@ def expected_pgd_error(A: jax.Array, sigma_hat: jax.Array, sigma: jax.Array, loo
 
 
 def closed_form_study(d: int, n: int, kappa: float, loops: int, prompts: int, test_prompts: int):
-  """The rotated-Σ setting of the closed-form scripts (scripts/adam_memory.py,
-  scripts/mean_optimal_preconditioner.py): (Σ [d, d] numpy, training Σ̂'s, test Σ̂'s, per_prompt)
+  """The rotated-Σ setting of the closed-form studies of docs/history.md: (Σ [d, d] numpy, training Σ̂'s, test Σ̂'s, per_prompt)
   with per_prompt(A, Σ̂'s) = expected_pgd_error at `loops`.  Call with x64 enabled."""
   task = tasks.default_config()  # the experiments' task section (configs/default.py: the same Σ)
   task.d, task.n_context, task.condition_number, task.rotate = d, n, kappa, True

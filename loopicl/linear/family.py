@@ -2,7 +2,7 @@
 
 Serves `linear_regression` and `vector_generation`.  The model is `LoopedLinearTransformer`
 (optionally warm-started at the GD construction), the loss the query MSE over the last
-`train.loss_loops` loops (optionally each divided by GD's error after as many steps), the
+`linear.loss_loops` loops (optionally each divided by GD's error after as many steps), the
 training-time evaluator the per-loop query error next to GD with the best constant step, and the
 offline report of `linear/evaluation.py` (scripts/evaluate.py).
 """
@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from loopicl import config as config_lib, family as family_lib, stats
-from loopicl.linear import (baselines, construction, model as model_lib, tail_sampling, tasks,
-                            training, weights)
+from loopicl import family as family_lib, schedule, stats
+from loopicl.linear import (baselines, construction, model as model_lib, schema, tail_sampling,
+                            tasks, training, weights)
 
 
-EXTRAPOLATION = 4  # eval.extrapolation when a config lacks it: read the model at loops 1 … 4T
+EXTRAPOLATION = 4  # the offline report reads the model at loops 1 … max(4T, 40) by default
 
 
 def default_loops_max(trained_loops: int) -> int:
@@ -35,75 +35,54 @@ def extrapolation_verdict(error_T: float, error_far: float, nonfinite: int) -> s
   return "falls" if ratio < 0.5 else ("holds" if ratio <= 2.0 else "blows up")
 
 
-@family_lib.register
 class LinearFamily(family_lib.Family):
   """Looped linear transformer on in-context linear regression / vector generation."""
 
   kinds = tasks.TASK_KINDS
-  model_fields = frozenset({"parameterization", "init_scale", "remat", "unroll", "init",
-                            "init_step", "form", "kernel", "kernel_threads"})
+  section = "linear"
   shape_fields = ("task.d", "task.d_out", "model.parameterization")
   hparam_metrics = ("eval/test_error", "eval/gd_ratio", "eval/pgd_ratio", "eval/weight_distance")
 
-  @classmethod
-  def task_config(cls):
-    return tasks.default_config()
+  task_config = staticmethod(tasks.default_config)
+  model_config = staticmethod(schema.model_config)
+  section_config = staticmethod(schema.section_config)
+  link = staticmethod(schema.link)
+  validate = staticmethod(schema.validate)
 
-  @classmethod
-  def validate(cls, cfg) -> None:
-    config_lib.check_task(tasks.validate, cfg.task)
-    config_lib.field_real(cfg, "model", "init_scale", 0.0, strict=True)
-    config_lib.field_bool(cfg, "model", "remat")
-    config_lib.field_int(cfg, "model", "unroll")
-    config_lib.field_choice(cfg, "model", "parameterization", model_lib.PARAMETERIZATIONS)
-    # Optional (configs written before they existed lack them).
-    if "init" in cfg.model:
-      config_lib.field_choice(cfg, "model", "init", training.MODEL_INITS)
-    if "init_step" in cfg.model:
-      config_lib.field_real(cfg, "model", "init_step", 0.0, strict=True)
-    if "form" in cfg.model:
-      config_lib.field_choice(cfg, "model", "form", model_lib.ATTENTION_FORMS)
-    if "kernel" in cfg.model:
-      config_lib.field_choice(cfg, "model", "kernel", model_lib.KERNELS)
-    if "kernel_threads" in cfg.model:
-      config_lib.field_int(cfg, "model", "kernel_threads", low=0)
-
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, training: bool = False):
+    super().__init__(config, training)
     self.n_queries = tasks.num_queries(config.task)
     self._gd_curve = None
-    self.resolved_kernel = None  # set when the training step is built (make_loss)
+    m = config.model
+    # The kernel, resolved once and explicitly: a training family builds and checks it now (a
+    # run that cannot use model.kernel = "cpu" fails before any work); evaluation never needs it.
+    self.kernel = model_lib.resolve_kernel(m.kernel, m.form) if training else "xla"
+    self.tail_pool = tail_sampling.resolve_pool(config.linear.tail_pool, config.model.loops,
+                                                config.task.d, config.task.n_context)
 
   # -- model and data ---------------------------------------------------------------------------
   def create_model(self, rngs: nnx.Rngs) -> model_lib.LoopedLinearTransformer:
     return training.create_model(self.config, rngs)
 
   def sample(self, key, batch_size: int) -> tasks.Batch:
-    """A training batch, weighted: the tail-holding draw of `train.tail_pool` / `train.tail_prompts`
-    (loopicl/linear/tail_sampling.py; pool 1 is uniform), scored by the fused kernel when the
-    training step resolved `model.kernel` to it.  Evaluation draws with tasks.sample."""
-    t = self.config.train
-    return tail_sampling.sample(key, self.task, batch_size, int(t.get("tail_pool", 1)),
-                                int(t.get("tail_prompts", 0)), kernel=self.resolved_kernel == "cpu")
-
-  def optimizer_extra(self):
-    steps = int(self.config.train.get("construction_steps", 0))
-    if steps < 0:  # -1: the whole run (train.steps, or more: a resumed run may extend it)
-      steps = np.iinfo(np.int32).max
-    return training.construction_phase(steps, int(self.task.d)) if steps > 0 else None
+    """A training batch, weighted: the tail-holding draw of `linear.tail_pool` /
+    `linear.tail_prompts` (loopicl/linear/tail_sampling.py; pool 1 is uniform), scored by the
+    fused kernel when the run trains on it.  Evaluation draws with tasks.sample."""
+    return tail_sampling.sample(key, self.task, batch_size, self.tail_pool,
+                                int(self.config.linear.tail_prompts), kernel=self.kernel == "cpu")
 
   # -- loss -------------------------------------------------------------------------------------
   def loss_weights(self, loops: int) -> np.ndarray:
-    """Weight of each loop's MSE in the loss: [loops], mean over the last `train.loss_loops`.
+    """Weight of each loop's MSE in the loss: [loops], mean over the last `linear.loss_loops`.
 
     With loss_normalization="gd" each loop's MSE is divided by the error of GD (best constant
     step for the final T) after as many steps, so every loop of the window counts equally instead
     of the first ones dominating (the GD error falls geometrically in t).
     """
-    k = min(int(self.config.train.loss_loops), loops)
+    k = min(int(self.config.linear.loss_loops), loops)
     w = np.zeros(loops)
     w[loops - k:] = 1.0 / k
-    if self.config.train.loss_normalization == "gd":
+    if self.config.linear.loss_normalization == "gd":
       w = w / self.gd_error_curve()[:loops]
     return w
 
@@ -119,13 +98,9 @@ class LinearFamily(family_lib.Family):
     return self._gd_curve
 
   def make_loss(self):
-    """The loss of the training step, with `model.kernel` resolved now (not at model creation:
-    evaluating a run never builds the fused kernel)."""
-    m = self.config.model
-    self.resolved_kernel = model_lib.resolve_kernel(m.get("kernel", "xla"),
-                                                    m.get("form", "reassociated"))
-    kernel = self.resolved_kernel
-    if self.config.train.loss_normalization == "gd":
+    """The loss of the training step, on the kernel the family resolved."""
+    kernel = self.kernel
+    if self.config.linear.loss_normalization == "gd":
       self.gd_error_curve()  # computed now, eagerly: the loss is traced and needs constants
 
     def loss(model, batch: tasks.Batch, loops: int):
@@ -133,7 +108,7 @@ class LinearFamily(family_lib.Family):
       sq = jnp.square(readouts - batch.targets)                       # [T, batch, d_out, m]
       if batch.weight is None:
         per_loop = jnp.mean(sq, axis=(1, 2, 3))                         # [T]
-      else:  # tail-holding batch: Σ_b w_b · MSE_b (train.tail_pool)
+      else:  # tail-holding batch: Σ_b w_b · MSE_b (linear.tail_pool)
         per_loop = jnp.mean(sq, axis=(2, 3)) @ batch.weight
       w = jnp.asarray(self.loss_weights(loops), per_loop.dtype)
       return jnp.sum(w * per_loop), {"last_loop_mse": per_loop[-1]}
@@ -150,11 +125,11 @@ class LinearFamily(family_lib.Family):
     ones), the error of GD with the best constant step at the same T on the same prompts (the step
     is scanned on separate prompts), their ratio, and the scale-invariant weight distance.  And
     the loop extrapolation (users run looped models deeper than trained): the errors after loops
-    1 … k·T (k = eval.extrapolation), the ratio at k·T over T and its verdict (falls / holds /
+    1 … k·T (k = linear.extrapolation), the ratio at k·T over T and its verdict (falls / holds /
     blows up, `extrapolation_verdict`).
     """
     T = int(self.config.model.loops)
-    far = int(self.config.eval.get("extrapolation", EXTRAPOLATION)) * T
+    far = int(self.config.linear.extrapolation) * T
     key = jax.random.key(int(self.config.eval.seed))
     test = tasks.sample(jax.random.fold_in(key, 0), self.task, int(self.config.eval.num_prompts))
     scan = tasks.sample(jax.random.fold_in(key, 1), self.task, int(self.config.eval.num_prompts))
@@ -258,15 +233,14 @@ class LinearFamily(family_lib.Family):
     """`evaluation.analyze` of the checkpoint's (P, Q), written to `<workdir>/eval/` and logged
     to the run's TensorBoard under `analysis/…` at `step`.
 
-    The trained T is the loop count the checkpoint was training at (`train.loops_at`:
+    The trained T is the loop count the checkpoint was training at (`schedule.loops_at`:
     model.loops once a loop curriculum is over); baselines are tuned at that T; loops_max
     defaults to `default_loops_max(T)`.  Prompts come from `config.eval.seed` (fold_in 0:
     reported prompts, fold_in 1: scans — the training evaluator's own derivation).
     """
     import os
-    from loopicl import train
     from loopicl.linear import evaluation, plots, report as report_lib
-    T = int(train.loops_at(self.config, step))
+    T = int(schedule.loops_at(self.config, step))
     loops_max = default_loops_max(T) if loops_max is None else loops_max
     P, Q = (np.asarray(w, np.float64) for w in model.weights())
     report = evaluation.analyze(P, Q, self.task, trained_loops=T, loops_max=loops_max,

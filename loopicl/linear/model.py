@@ -21,7 +21,6 @@ one CPU device in float32 with the reassociated form and the kernel builds, else
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from flax import nnx
 
 from loopicl.errors import ConfigError
 
-PARAMETERIZATIONS = ("full", "gd")
+PARAMETERIZATIONS = ("blocks", "full", "gd")
 ATTENTION_FORMS = ("reassociated", "textbook")
 KERNELS = ("auto", "xla", "cpu")
 
@@ -162,12 +161,27 @@ def gd_weights(A: jax.Array, d_out: int) -> tuple[jax.Array, jax.Array]:
   return P, Q
 
 
+def blocks_weights(P_yy: jax.Array, Q_xx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(P, Q) with P[d:, d:] = P_yy, Q[:d, :d] = Q_xx and every other entry 0."""
+  d, d_out = Q_xx.shape[-1], P_yy.shape[-1]
+  D = d + d_out
+  P = jnp.zeros((D, D), P_yy.dtype).at[d:, d:].set(P_yy)
+  Q = jnp.zeros((D, D), Q_xx.dtype).at[:d, :d].set(Q_xx)
+  return P, Q
+
+
 class LoopedLinearTransformer(nnx.Module):
   """A linear attention block whose weights are shared across `loops` applications.
 
   Parameterizations:
-    * "full": P and Q free, entries ~ N(0, init_scale²) (2·D² parameters);
-    * "gd":   P = [[0,0],[0,I]] fixed, Q = [[−A,0],[0,0]], only A ([d, d], init init_scale·I) learned.
+    * "blocks": only the GD construction's blocks are parameters — P_yy = P[d:, d:] ([d_out, d_out])
+                and Q_xx = Q[:d, :d] ([d, d]), entries ~ N(0, init_scale²); every other entry of
+                P and Q is the constant 0 (d² + d_out² parameters).  The class W ← W − (1/n)(WX − Y)XᵀA
+                with A = −Q_xx and the y-row scaled by P_yy: preconditioned GD with any A;
+    * "full":   every entry of P and Q free, ~ N(0, init_scale²) (2·D² parameters);
+    * "gd":     P = [[0,0],[0,I]] fixed, Q = [[−A,0],[0,0]], only A ([d, d], init init_scale·I).
+  The blocks draw is the same-key draw of "full" restricted to the blocks, so the two start equal
+  on them.
   """
 
   def __init__(self, d: int, d_out: int = 1, parameterization: str = "full", *,
@@ -190,16 +204,22 @@ class LoopedLinearTransformer(nnx.Module):
     # called, never here — building a model (e.g. to evaluate a run) must not build the kernel.
     self.kernel, self.threads = kernel, threads
     D = d + d_out
-    if parameterization == "full":
-      self.P = nnx.Param(init_scale * jax.random.normal(rngs.params(), (D, D), dtype))
-      self.Q = nnx.Param(init_scale * jax.random.normal(rngs.params(), (D, D), dtype))
-    else:
+    if parameterization == "gd":
       self.A = nnx.Param(init_scale * jnp.eye(d, dtype=dtype))
+    else:
+      P = init_scale * jax.random.normal(rngs.params(), (D, D), dtype)
+      Q = init_scale * jax.random.normal(rngs.params(), (D, D), dtype)
+      if parameterization == "full":
+        self.P, self.Q = nnx.Param(P), nnx.Param(Q)
+      else:
+        self.P_yy, self.Q_xx = nnx.Param(P[d:, d:]), nnx.Param(Q[:d, :d])
 
   def weights(self) -> tuple[jax.Array, jax.Array]:
     """The effective (P, Q), each [D, D], whatever the parameterization."""
     if self.parameterization == "full":
       return self.P[...], self.Q[...]
+    if self.parameterization == "blocks":
+      return blocks_weights(self.P_yy[...], self.Q_xx[...])
     return gd_weights(self.A[...], self.d_out)
 
   def __call__(self, Z0: jax.Array, loops: int, n_queries: int = 1, kernel: str | None = None) -> jax.Array:

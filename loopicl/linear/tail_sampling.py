@@ -54,6 +54,33 @@ def gram_lambda_max(G: jax.Array) -> jax.Array:
   return _power_lambda_max(G @ jnp.swapaxes(G, -1, -2) / G.shape[-1])
 
 
+DEEP_LOOPS = 20       # from this T on, with n < FEW_EXAMPLES·d, the pool is LARGE_POOL
+FEW_EXAMPLES = 3
+POOL, LARGE_POOL = 8, 64
+
+
+def auto_pool(loops: int, d: int, n_context: int) -> int:
+  """The candidate pool of `linear.tail_pool = "auto"`: 64 per batch prompt where the loops are
+  deep (T ≥ 20) on few examples (n < 3d), 8 elsewhere.
+
+  Why: there the prompts that decide the mean error are ~0.1% of the population (the few whose
+  whitened λ_max(Σ̂) puts them near the loop's stability edge); with 8 candidates the mean over
+  65 536 fresh prompts ended 1.7–12× GD's on 3 of 4 seeds at n/d = 1.5 and 1.9–3.2× on 2 of 4 at
+  n/d = 2, with 64 at 0.62–0.69× and 0.15–0.17× (docs/history.md).  64 costs ~2–4× a step, so
+  only there.  Measured at T ≤ 20 and n/d ∈ {1.5, 2} (64) and n/d ≥ 4 (8); n/d in (2, 3) at
+  T = 20, and T > 20, are this rule's extrapolation.
+  """
+  deep = int(loops) >= DEEP_LOOPS and int(n_context) < FEW_EXAMPLES * int(d)
+  return LARGE_POOL if deep else POOL
+
+
+def resolve_pool(tail_pool, loops: int, d: int, n_context: int) -> int:
+  """`linear.tail_pool` as a number: "auto" → `auto_pool`; a count ("64") → 64."""
+  if tail_pool == "auto":
+    return auto_pool(loops, d, n_context)
+  return int(tail_pool)
+
+
 def weights(batch_size: int, pool: int, tail: int) -> np.ndarray:
   """Per-prompt weights [batch]: the tail first, then the uniform draws; they sum to 1."""
   size = pool * batch_size

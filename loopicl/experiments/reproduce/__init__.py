@@ -17,13 +17,14 @@ Modules (each owns one part):
     the training/task config of a point, and the fingerprint a rerun checks;
   * `ladder`: the reference algorithms scored inside each construction point (`seed_ladder`);
   * `compute`: one point's numbers (`run_construction`, `run_trained`, the held-out prompts and the
-    per-prompt error) and its file points/<id>.json (`read_point`, `write_point`, `load_points`);
+    per-prompt error); its file points/<id>.json is the study runner's (loopicl/study.py);
   * `step_rules`: the five step rules of a construction point, the tuned steps' validation and
     the oracle step's bound check;
   * `outputs`: results.csv / weights.csv / n_required.csv rows from the point files, `aggregate`
     over seeds; `summary`: summary.md;
   * `figures`: the PNG figures and the theory line;
-  * `runner`: the resumable loop (`run`) and the rebuild of every output (`write_outputs`).
+  * `runner`: the grid as a study (`GridStudy`, `run`: loopicl/study.py resumes it) and the
+    rebuild of every output (`write_outputs`).
 The closed form of T GD steps (and the step search) is `loopicl.linear.spectral`'s.
 """
 from loopicl.experiments.reproduce.figures import make_figures, theory_line
@@ -36,12 +37,12 @@ from loopicl.experiments.reproduce.outputs import (CSV_COLUMNS, N_REQUIRED_COLUM
 from loopicl.experiments.reproduce.summary import headline_table, summary_markdown
 from loopicl.experiments.reproduce.step_rules import METHODS as STEP_RULES
 from loopicl.experiments.reproduce.ladder import METHODS as LADDER_METHODS
-from loopicl.experiments.reproduce.compute import (eval_prompts, load_points, per_prompt_error,
+from loopicl.experiments.reproduce.compute import (eval_prompts, per_prompt_error,
                                                    run_construction, run_trained)
-from loopicl.experiments.reproduce.runner import run, write_outputs
+from loopicl.experiments.reproduce.runner import GridStudy, load_points, run, write_outputs
 
 __all__ = [
-    "CSV_COLUMNS", "LADDER_METHODS", "N_REQUIRED_COLUMNS", "STEP_RULES", "n_required_rows", "TRAIN_MODES", "WEIGHT_COLUMNS", "GridError", "aggregate",
+    "CSV_COLUMNS", "GridStudy", "LADDER_METHODS", "N_REQUIRED_COLUMNS", "STEP_RULES", "n_required_rows", "TRAIN_MODES", "WEIGHT_COLUMNS", "GridError", "aggregate",
     "eval_prompts", "experiment_config", "fingerprint", "headline_table", "load_points",
     "make_figures", "n_context", "per_prompt_error", "point_id", "points", "rows_from_points",
     "run", "run_construction", "run_trained", "settings", "summary_markdown", "task_config",

@@ -18,13 +18,12 @@ The error (`per_prompt_error`) is the query MSE (linear_regression) or ||Ŵ − 
 distribution over the test prompts (`stats.prompt_distribution`: mean over the finite prompts,
 median, q90, q99, fraction below ε·(error at W = 0), non-finite count) and its distance to least
 squares.  A point's file, points/<id>.json in the workdir, holds its numbers
-and its fingerprint; `read_point`/`write_point`/`load_points` are the only code that touches it.
+and its fingerprint; the study runner (loopicl/study.py) reads and writes it.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Callable
 
@@ -35,8 +34,7 @@ import numpy as np
 
 from loopicl import stats, sweep
 from loopicl.experiments.reproduce import ladder, step_rules
-from loopicl.experiments.reproduce.grid import (experiment_config, fingerprint, point_id, points,
-                                                task_config)
+from loopicl.experiments.reproduce.grid import experiment_config, task_config
 from loopicl.linear import construction, tasks, weights
 from loopicl.linear.model import loop_readouts
 
@@ -163,40 +161,4 @@ def run_trained(config, p: dict, log: Callable[[str], None]) -> dict:
           "diverged_at_step": int(result.diverged_at[k]),
           "final_train_loss": float(result.final_loss[k]),
           **_weight_metrics(P, Q, d_out, sigma_inv)}
-  return out
-
-
-def _point_path(workdir: str, p: dict) -> str:
-  return os.path.join(workdir, "points", point_id(p) + ".json")
-
-
-def read_point(workdir: str, p: dict) -> dict | None:
-  """The point's file as stored (current or not), or None when it is absent."""
-  path = _point_path(workdir, p)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def write_point(workdir: str, p: dict, data: dict) -> None:
-  """Writes the point's file atomically: a point is either complete on disk or absent.
-
-  Plain json (not `jsonfile`): a mean over no finite prompt is NaN and must read back as NaN.
-  """
-  path = _point_path(workdir, p)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
-
-
-def load_points(config, workdir: str) -> dict:
-  """point id -> point data, for the grid's points that are on disk and current."""
-  out = {}
-  for p in points(config):
-    data = read_point(workdir, p)
-    if data is not None and data.get("fingerprint") == fingerprint(config, p):
-      out[point_id(p)] = data
   return out

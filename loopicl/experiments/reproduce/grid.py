@@ -193,8 +193,8 @@ def experiment_config(config, kind, d, n, kappa, loops) -> ml_collections.Config
     exp.model.loops = int(loops)
     exp.eval.seed = int(config.grid.eval_seed)
     if train_mode_of(config, kappa) == "window":
-      exp.train.loss_loops = int(loops)   # every loop is read out, so every loop is trained
-      exp.train.loss_normalization = "gd"
+      exp.linear.loss_loops = int(loops)   # every loop is read out, so every loop is trained
+      exp.linear.loss_normalization = "gd"
   return exp
 
 
@@ -214,7 +214,8 @@ def fingerprint(config, p: dict) -> str:
     train = exp.train.to_dict()
     if train["curriculum_start"] == 0:  # fields that change nothing must not invalidate a point
       train.pop("curriculum_every"), train.pop("curriculum_increment")
-    parts.update(model=exp.model.to_dict(), train=train, mode=train_mode_of(config, p["kappa"]))
+    parts.update(model=exp.model.to_dict(), train=train, linear=exp.linear.to_dict(),
+                 mode=train_mode_of(config, p["kappa"]))
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
