@@ -326,7 +326,7 @@ def run_learning_tails():
 # -- scripts/sweep.py -----------------------------------------------------------------------------
 
 def _sweep_main(argv):
-  _no_arguments(argv, "--config, --sweep, --seeds, --workdir, --config.<field>=<value>")
+  _no_arguments(argv, "--config, --sweep, --seeds, --first_seed, --workdir, --config.<field>=<value>")
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   config = _experiment_config()
@@ -339,7 +339,8 @@ def _sweep_main(argv):
   except errors.ConfigError as e:
     fail(str(e))
   try:
-    rows = sweep_runs.run(config, sweeps, range(FLAGS.seeds), FLAGS.workdir,
+    seeds = range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.seeds)
+    rows = sweep_runs.run(config, sweeps, seeds, FLAGS.workdir,
                           log=lambda s: print(s, flush=True))
   except errors.ConfigError as e:
     fail(str(e), 2)
@@ -352,8 +353,10 @@ def run_sweep():
   """Entry point of scripts/sweep.py (console script loopicl-sweep)."""
   _config_flag("Experiment config file (configs/*.py): the base of every point.")
   flags.DEFINE_multi_string("sweep", [], "<section>.<field>=v1,v2,… (repeat for a product).")
-  flags.DEFINE_integer("seeds", 1, "Seeds 0..K-1 per point, trained in one vmapped program.",
-                       lower_bound=1)
+  flags.DEFINE_integer("seeds", 1, "K seeds per point (first_seed … first_seed+K−1), trained in "
+                       "one vmapped program.", lower_bound=1)
+  flags.DEFINE_integer("first_seed", 0, "The first seed (seeds kept apart from a study's, e.g. to "
+                       "choose a recipe on seeds it does not report).", lower_bound=0)
   flags.DEFINE_string("workdir", None, "Directory of the sweep: one run directory per point and "
                       "seed, sweep.csv, summary.md.", required=True)
   _run(_sweep_main, "--config=<file> --sweep=<section>.<field>=v1,v2 … --seeds=<int> "

@@ -91,3 +91,21 @@ def test_parse_sweeps_types_and_refusals():
     sweep_runs.parse_sweeps(["model.loops=1", "model.loops=2"], config)
   with pytest.raises(errors.ConfigError, match="model.loops=0 is invalid"):
     sweep_runs.point_config(config, {"model.loops": 0})
+
+
+def test_first_seed_sets_the_seeds_of_every_point(tmp_path):
+  """--first_seed=5 --seeds=2: seeds 5 and 6 (a recipe is chosen on seeds a study does not report)."""
+  tiny = ["--config.task.d=3", "--config.task.n_context=8", "--config.train.steps=10",
+          "--config.train.batch_size=16", "--config.train.steps_per_call=10",
+          "--config.train.log_every=10", "--config.eval.every=10", "--config.eval.num_prompts=64",
+          "--config.checkpoint.every=10", "--config.train.curriculum_start=0",
+          "--config.linear.tail_pool=2", "--config.train.warmup_steps=2"]
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"),
+                         f"--config={DEFAULT_CONFIG}", "--sweep=model.loops=1", "--seeds=2",
+                         "--first_seed=5", f"--workdir={tmp_path / 'w'}", *tiny],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / "w" / "sweep.csv") as f:
+    assert [r["seed"] for r in csv.DictReader(f)] == ["5", "6"]
+  assert sorted(os.listdir(tmp_path / "w" / "model.loops=1")) == ["seed5", "seed6"]
+  assert run.load_config(str(tmp_path / "w" / "model.loops=1" / "seed6")).train.seed == 6
