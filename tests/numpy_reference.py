@@ -30,3 +30,23 @@ def preconditioned_gd(X, Y, A, steps):
     W = W - grad @ A
     out.append(W.copy())
   return np.stack(out)
+
+
+def gdpp(X, Y, X_query, steps, eta, gamma):
+  """GD++ (docs/theory.md §8), one loop at a time on the prompt's rows: every input column moves
+  x ← x − γ Σ̂_t x (Σ̂_t of the current context inputs), every label row r ← r − η (R_t X_tᵀ/n) x_t.
+  eta, gamma: numbers or [batch] arrays.  Returns (read-outs [steps, batch, d_out, m], the context
+  inputs X_t [steps + 1, batch, d, n])."""
+  X, Y, Xq = (np.array(a, dtype=np.float64) for a in (X, Y, X_query))
+  eta, gamma = (np.reshape(np.asarray(v, np.float64), (-1, 1, 1)) for v in (eta, gamma))
+  n = X.shape[-1]
+  H = np.zeros((X.shape[0], Y.shape[1], Xq.shape[-1]))
+  outs, inputs = [], [X.copy()]
+  for _ in range(steps):
+    sigma = np.einsum("bin,bjn->bij", X, X) / n
+    grad = np.einsum("bon,bjn->boj", Y, X) / n
+    X, Xq, Y, H = (X - gamma * sigma @ X, Xq - gamma * sigma @ Xq, Y - eta * grad @ X,
+                   H - eta * grad @ Xq)
+    outs.append(-H)
+    inputs.append(X.copy())
+  return np.stack(outs), np.stack(inputs)

@@ -9,7 +9,10 @@ its read-out after t loops is W_t X_query.  This module builds those weights and
 that a learned model is compared with: GD iterates, least squares, ridge, the per-prompt optimal
 step, the best constant step over a batch of prompts, and the
 convergence-rate bound.  GD's error after many T for many steps at once, in closed form, is
-`loopicl.linear.spectral`'s (the reproduction grid's engine).
+`loopicl.linear.spectral`'s (the reproduction grid's engine).  GD++ (docs/theory.md §8) is the
+GD construction plus the x-row update X ← (I − γ·XXᵀ/n)X: its weights (`gdpp_params`), its
+explicit recursion (`gdpp_readouts`, `gdpp_inputs`) and its closed form in Σ̂'s eigenbasis
+(`gdpp_filters`, `gdpp_iterates`); `baselines` tunes its (γ, η).
 
 Shapes: X [batch, d, n], Y [batch, d_out, n], X_query [batch, d, m], W [batch, d_out, d].
 """
@@ -46,6 +49,39 @@ def gd_params(d: int, d_out: int = 1, *, step_size: float | None = None,
   model_lib._check_positive_int("d_out", d_out)
   dtype = dtype or jnp.result_type(float)
   return model_lib.gd_weights(_preconditioner(d, step_size, preconditioner, dtype), d_out)
+
+
+def _check_gdpp(step_size, gamma) -> None:
+  """One-line ValueError unless step_size > 0 and gamma are finite (numbers or [batch] arrays);
+  traced values (inside jit) are not checked."""
+  for name, value, ok, allowed in (("step_size", step_size, lambda v: v > 0, "a finite number > 0"),
+                                   ("gamma", gamma, lambda v: True, "a finite number")):
+    if isinstance(value, jax.core.Tracer):
+      continue
+    v = np.asarray(value, np.float64)
+    if not (np.all(np.isfinite(v)) and np.all(ok(v))):
+      raise ValueError(f"{name}={' '.join(repr(value).split())} is invalid; allowed: {allowed} "
+                       "(or a [batch] array of them)")
+
+
+def gdpp_params(d: int, d_out: int = 1, *, step_size: float, gamma: float,
+                dtype=None) -> tuple[jax.Array, jax.Array]:
+  """(P, Q) of GD++ (von Oswald et al.; docs/theory.md §8): the GD construction at step η plus
+  the x-row block P_xx = (γ/η)·I, so that P_xx·Q_xx = −γ·I and P_yy = I:
+
+      P = [[(γ/η)·I, 0], [0, I]],      Q = [[−η·I, 0], [0, 0]].
+
+  One loop maps every input column, context and query alike, X_all ← (I − γ·X Xᵀ/n)·X_all (X: the
+  context columns, the only keys), and the label rows R_all ← R_all − η·(R Xᵀ/n)·X_all (a GD step).
+  γ = 0 gives `gd_params(d, d_out, step_size=η)` bit for bit.
+  """
+  model_lib._check_positive_int("d", d)
+  model_lib._check_positive_int("d_out", d_out)
+  _check_gdpp(step_size, gamma)
+  dtype = dtype or jnp.result_type(float)
+  eye = jnp.eye(d, dtype=dtype)
+  P, Q = model_lib.gd_weights(step_size * eye, d_out)
+  return P.at[:d, :d].set((gamma / step_size) * eye), Q
 
 
 def gd_transformer(d: int, d_out: int = 1, *, step_size: float | None = None,
@@ -99,6 +135,100 @@ def gd_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size=None,
   W0 = jnp.zeros(Y.shape[:-1] + (d,), X.dtype)
   Ws = _gd_scan(W0, sigma_hat, b, lambda g: g @ A, lambda W: W, steps=steps)
   return jnp.concatenate([W0[None], Ws], axis=0)
+
+
+def _gdpp_knobs(step_size, gamma, dtype):
+  _check_gdpp(step_size, gamma)
+  return jnp.asarray(step_size, dtype), jnp.asarray(gamma, dtype)
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def _gdpp_loop(X, Y, X_query, eta, gamma, *, steps: int):
+  n = X.shape[-1]
+  eta, gamma = eta[..., None, None], gamma[..., None, None]
+
+  def loop(state, _):
+    Xc, Xq, R, H = state                       # inputs (context, queries), label rows (context, queries)
+    Xt = jnp.swapaxes(Xc, -1, -2)
+    sigma_hat, grad = Xc @ Xt / n, R @ Xt / n  # Σ̂_t and R_t X_tᵀ/n (= −the loss gradient)
+    state = (Xc - gamma * sigma_hat @ Xc, Xq - gamma * sigma_hat @ Xq, R - eta * grad @ Xc,
+             H - eta * grad @ Xq)
+    return state, (-state[3], state[0])
+
+  H0 = jnp.zeros(Y.shape[:-1] + X_query.shape[-1:], X.dtype)
+  return jax.lax.scan(loop, (X, X_query, Y, H0), length=steps)[1]
+
+
+def gdpp_readouts(X: jax.Array, Y: jax.Array, X_query: jax.Array, *, steps: int, step_size,
+                  gamma) -> jax.Array:
+  """GD++'s read-outs after t = 1..steps loops, by its explicit recursion (no transformer):
+  [steps, batch, d_out, m], aligned with `model.loop_readouts(*gdpp_params(...), Z0, …)`.
+
+  The state is the prompt's rows: inputs X_t (context) and X_q,t (queries), label rows R_t
+  (context, R_0 = Y) and H_t (queries, H_0 = 0), with Σ̂_t = X_t X_tᵀ/n and G_t = R_t X_tᵀ/n:
+    X_{t+1} = X_t − γ Σ̂_t X_t,   X_q,t+1 = X_q,t − γ Σ̂_t X_q,t,
+    R_{t+1} = R_t − η G_t X_t,   H_{t+1} = H_t − η G_t X_q,t,     read-out ŷ_t = −H_t.
+  step_size η > 0 and gamma γ: numbers or [batch] arrays (one per prompt).
+  """
+  model_lib._check_positive_int("steps", steps)
+  eta, gamma = _gdpp_knobs(step_size, gamma, X.dtype)
+  return _gdpp_loop(X, Y, X_query, eta, gamma, steps=steps)[0]
+
+
+def gdpp_inputs(X: jax.Array, *, steps: int, gamma) -> jax.Array:
+  """The context inputs X_t of GD++'s recursion (`gdpp_readouts`) for t = 0..steps:
+  [steps + 1, batch, d, n].  Σ̂_{t+1} = (I − γΣ̂_t) Σ̂_t (I − γΣ̂_t): eigenvalues λ ↦ λ(1 − γλ)²."""
+  model_lib._check_positive_int("steps", steps)
+  _, gamma = _gdpp_knobs(1.0, gamma, X.dtype)  # no label rows, no queries: only the x-rows
+  Xs = _gdpp_loop(X, X[..., :0, :], X[..., :0], jnp.ones((), X.dtype), gamma, steps=steps)[1]
+  return jnp.concatenate([X[None], Xs], axis=0)
+
+
+def gdpp_filters(lam: jax.Array, *, steps: int, step_size, gamma) -> tuple[jax.Array, jax.Array]:
+  """GD++ in Σ̂'s eigenbasis: (g_t(λ), e_t(λ)) for t = 0..steps, each [steps + 1, *lam.shape].
+
+  Every matrix of the recursion is a polynomial in Σ̂ = V diag(λ) Vᵀ, so with X_t = C_t X,
+  C_t = V diag(c_t) Vᵀ, the weights on the *raw* inputs are W_t = b V diag(g_t) Vᵀ (b = Y Xᵀ/n;
+  ŷ_t = W_t x_q) and W_t − W_LS = (W_0 − W_LS) V diag(e_t) Vᵀ, from c_0 = e_0 = 1, g_0 = 0:
+    g_{t+1} = g_t + η c_t² e_t,   e_{t+1} = e_t (1 − η λ c_t²),   c_{t+1} = c_t (1 − γ λ c_t²)
+  (μ_t = λ c_t² is the eigenvalue of Σ̂_t; e_t = 1 − λ g_t, kept apart so that nothing cancels
+  and λ = 0 is exact: g_t = tη).  lam: [..., d]; step_size, gamma: numbers or arrays that
+  broadcast against lam[..., 0] (one per prompt).
+  """
+  model_lib._check_positive_int("steps", steps)
+  eta, gamma = _gdpp_knobs(step_size, gamma, lam.dtype)
+  return _filters(lam, eta[..., None], gamma[..., None], steps=steps)
+
+
+def _filters(lam, eta, gamma, *, steps: int):
+  def loop(carry, _):
+    g, e, c = carry
+    c2 = c * c
+    carry = (g + eta * c2 * e, e * (1 - eta * lam * c2), c * (1 - gamma * lam * c2))
+    return carry, carry[:2]
+
+  one = jnp.ones(jnp.broadcast_shapes(lam.shape, eta.shape, gamma.shape), lam.dtype)
+  g, e = jax.lax.scan(loop, (0 * one, one, one), length=steps)[1]
+  return jnp.concatenate([0 * one[None], g]), jnp.concatenate([one[None], e])
+
+
+def spectral_basis(X, Y, X_query=None):
+  """(λ [batch, d] ≥ 0, V [batch, d, d], b V [batch, d_out, d], Vᵀ X_query [batch, d, m] or None)
+  of Σ̂ = V diag(λ) Vᵀ: all that GD++ (`gdpp_filters`) needs of a prompt."""
+  sigma_hat, b = sufficient_statistics(X, Y)
+  lam, V = jnp.linalg.eigh(sigma_hat)
+  beta = None if X_query is None else jnp.swapaxes(V, -1, -2) @ X_query
+  return jnp.maximum(lam, 0.0), V, b @ V, beta
+
+
+def gdpp_iterates(X: jax.Array, Y: jax.Array, *, steps: int, step_size, gamma) -> jax.Array:
+  """GD++'s weights on the raw inputs, W_t = b V diag(g_t) Vᵀ (`gdpp_filters`), t = 0..steps:
+  [steps + 1, batch, d_out, d].  W_t @ X_query is `gdpp_readouts`'s entry t − 1 (t ≥ 1);
+  step_size, gamma: numbers or [batch] arrays."""
+  model_lib._check_positive_int("steps", steps)
+  lam, V, alpha, _ = spectral_basis(X, Y)
+  g = gdpp_filters(lam, steps=steps, step_size=step_size, gamma=gamma)[0]    # [steps + 1, batch, d]
+  return (alpha * g[..., None, :]) @ jnp.swapaxes(V, -1, -2)
 
 
 def least_squares(X: jax.Array, Y: jax.Array) -> jax.Array:
