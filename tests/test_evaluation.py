@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from loopicl.linear import algorithms, construction, evaluation, ladder, model as model_lib, plots
-from loopicl.linear import tasks, weights
+from loopicl.linear import baselines, tasks, weights
 from loopicl.linear import report as report_lib
 from tests import numpy_reference as ref
 
@@ -467,6 +467,28 @@ def test_ladder_errors_against_numpy(gd_report):
     assert len(r[key]) == L and r[key + "_nonfinite"] == [0] * L, key
   for key in ladder.ERROR_KEYS:
     assert len(r[key + "_median"]) == L and key in report_lib.PER_LOOP_KEYS, key
+
+
+def test_gdpp_rungs_against_numpy(gd_report):
+  """report.json's GD++ rungs: `gdpp_error` (+ `_median`) is numpy's GD++ recursion at the knobs
+  `fit_gdpp` finds on the scan prompts at T; `gdpp_oracle_error` is the same recursion at each
+  evaluation prompt's `gdpp_oracle` knobs; both are in the per-loop keys, report.md and TensorBoard."""
+  task, r = _task(), gd_report[3]
+  X, Y, Xq, tg, _ = _numpy_prompts(task)
+  with jax.enable_x64(True):
+    sc = _prompts(task, 3, 1)
+    fit = baselines.fit_gdpp(sc.X, sc.Y, sc.X_query, sc.targets, steps=T)
+    oracle = baselines.gdpp_oracle(jnp.asarray(X), steps=T)
+  assert (r["gdpp_gamma"], r["gdpp_step"]) == fit[:2] and r["gdpp_fit_prompts"] == PROMPTS
+  assert r["gdpp_gamma"] > 0  # Σ ≠ I: the x-row update pays
+  for name, (gamma, eta) in (("gdpp", fit[:2]), ("gdpp_oracle", [np.asarray(a) for a in oracle])):
+    per_prompt = np.mean((ref.gdpp(X, Y, Xq, L, eta, gamma)[0] - tg) ** 2, axis=(2, 3))   # [L, batch]
+    np.testing.assert_allclose(r[f"{name}_error"], per_prompt.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(r[f"{name}_error_median"], np.median(per_prompt, axis=1), rtol=1e-9)
+    assert f"{name}_error" in report_lib.PER_LOOP_KEYS and r[f"{name}_error_nonfinite"] == [0] * L
+  assert {"gdpp_gamma", "gdpp_step"} <= set(report_lib.TB_SCALARS)
+  md = report_lib.report_markdown(r)
+  assert "GD++ γ = " in md and "| GD++ (γ, η tuned for the mean) |" in md
 
 
 def test_closest_algorithm_to_the_gd_construction_is_gd(gd_report):

@@ -19,8 +19,10 @@ a guarantee for the mean error of constant-step GD (and with label noise the err
 `least_squares_error`, which the line ignores).
 
 The ladder (`ladder`): `cg_error`, `chebyshev_error`, `chebyshev_oracle_error`, `newton_error`
-(Newton–Schulz step t, worth 2^t GD steps, compared by loop count) and `whitened_gd_error` (fitted
-at T on scan prompts), with the model's distance to each; `closest_algorithm` at T; `mechanism`:
+(Newton–Schulz step t, worth 2^t GD steps, compared by loop count), `whitened_gd_error` (fitted
+at T on scan prompts), `gdpp_error` (GD++, its (γ, η) = `gdpp_gamma`, `gdpp_step` tuned jointly
+at T on the scan prompts) and `gdpp_oracle_error` (each prompt's own (γ, η)), with the model's
+distance to each; `closest_algorithm` at T; `mechanism`:
 κ̂, λ_min, λ_max of the model's input rows over loops, next to the whitening construction's.
 
 Function-space alignment (von Oswald et al.): a query column only ever influences itself and
@@ -116,16 +118,18 @@ def query_sensitivities_autodiff(P: jax.Array, Q: jax.Array, Z0: jax.Array, *, l
   return jnp.moveaxis(jax.vmap(along)(jnp.arange(d)), 0, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("loops", "d_out", "n_queries", "weight_readout"))
+@functools.partial(jax.jit, static_argnames=("loops", "d_out", "n_queries", "weight_readout",
+                                             "trained_loops"))
 def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, knobs=None, *,
-                       loops: int, d_out: int, n_queries: int,
-                       weight_readout: bool = False) -> dict[str, jax.Array]:
+                       loops: int, d_out: int, n_queries: int, weight_readout: bool = False,
+                       trained_loops: int | None = None) -> dict[str, jax.Array]:
   """Every per-loop, per-prompt number of the report: a dict of [loops, batch] arrays.
 
   gd_step: scalar η*; pgd_preconditioner: [d, d] (c*·Σ⁻¹); knobs: `ladder.tune`'s dict, or None
-  for no ladder.  Keys: model_error, gd_weight_error, pgd_weight_error (relative ||W − W*||_F) and,
-  with weight_readout (vector_generation: the read-out is Ŵ_t), model_weight_error; for GD, PGD
-  and every rung of the ladder the query error and the model's distance to it
+  for no ladder; trained_loops: the T of the per-prompt GD++ oracle (default loops).  Keys:
+  model_error, gd_weight_error, pgd_weight_error (relative ||W − W*||_F) and, with weight_readout
+  (vector_generation: the read-out is Ŵ_t), model_weight_error; for GD, PGD and every rung of the
+  ladder the query error and the model's distance to it
   (`ladder.against_model`: GD's as sensitivity_cosine, sensitivity_l2, prediction_l2).
   Non-finite values are left in (NaN/inf): summaries handle them.
   """
@@ -141,7 +145,8 @@ def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, kn
   if weight_readout:  # vector generation: X_query = I, so the read-out block is Ŵ_t itself.
     out["model_weight_error"] = tasks.relative_weight_error(preds, batch.W_star)
   algos = {"gd": W_gd, "pgd": W_pgd}
-  algos.update({} if knobs is None else ladder.iterates(batch, knobs, loops=loops))
+  if knobs is not None:
+    algos.update(ladder.iterates(batch, knobs, loops=loops, trained_loops=trained_loops))
   for name, W in algos.items():
     out.update(ladder.against_model(name, W, preds, sens, batch))
   return out
@@ -255,7 +260,7 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
     b = jax.tree.map(lambda x: x[s:s + chunk], ev)
     parts.append(jax.device_get(per_prompt_metrics(
         P, Q, b, jnp.asarray(eta), jnp.asarray(A_pgd), {k: jnp.asarray(v) for k, v in knobs.items()},
-        loops=L, d_out=d_out, n_queries=m,
+        loops=L, d_out=d_out, n_queries=m, trained_loops=T,
         weight_readout=task_config.kind == "vector_generation")))
     if s < n_interp:
       k = min(chunk, n_interp - s)
@@ -292,7 +297,8 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   r["bound"] = [py(e0 * rho ** (2 * t)) for t in loops]
   r.update(gd_step_size=py(eta), pgd_scale=py(c_pgd), ridge_lambda=py(lam),
            bound_initial_error=py(e0), bound_kappa_hat_median=py(kappa), bound_rate=py(rho))
-  r.update({k: py(v) for k, v in knobs.items()}, whitened_gd_fit_prompts=min(ladder.FIT_PROMPTS, num_scan))
+  r.update({k: py(v) for k, v in knobs.items()}, whitened_gd_fit_prompts=min(ladder.FIT_PROMPTS, num_scan),
+           gdpp_fit_prompts=num_scan)
 
   s = stats.summarize(interp)
   r["interpolation"] = [{"alpha": float(a), "error": e, "error_median": md, "nonfinite": nf}

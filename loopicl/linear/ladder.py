@@ -6,8 +6,12 @@ ladder of `algorithms` and owns its part of the report:
     `chebyshev` (Chebyshev-accelerated GD on the task distribution's Marchenko–Pastur edges,
     fixed for every prompt), `chebyshev_oracle` (on each prompt's own [λ_min, λ_max] of Σ̂),
     `newton` (Newton–Schulz; its step t is worth 2^t GD steps, but it is compared by loop count
-    as the looped model is: one Newton step per loop) and `whitened_gd` (the looped whitening
-    construction, `algorithms.whitened_gd_weights`, with (pq, η) fitted at the trained T);
+    as the looped model is: one Newton step per loop), `whitened_gd` (the looped whitening
+    construction, `algorithms.whitened_gd_weights`, with (pq, η) fitted at the trained T by
+    coordinate descent), `gdpp` (GD++, `construction.gdpp_params`: the same family of loops, its
+    (γ, η) = (pq, η) from the joint 2-D search `baselines.fit_gdpp` on all the scan prompts at
+    the trained T) and `gdpp_oracle` (each prompt's own (γ_i, η_i) at the trained T,
+    `baselines.gdpp_oracle`: label-free, like chebyshev_oracle);
   * their knobs (`tune`), their iterates W_t on the raw inputs (`iterates`) and, per prompt and
     loop, the query error and the model's distance to each (`against_model`: the RMS prediction
     difference and the cosine of the sensitivity ∂ŷ/∂x_q with W_t), which
@@ -19,9 +23,12 @@ ladder of `algorithms` and owns its part of the report:
   * its sentences (`findings`, part of `report.findings`) and report.md tables (`markdown`).
 
 Cost: the whitened fit (`algorithms.fit_whitened_gd`, coordinate zooms of ~400 batch errors) runs
-on the first `FIT_PROMPTS` scan prompts and is memoised on the scan prompts' recipe (task, seed,
-count, T: it depends on nothing else); the mechanism's loop states and eigenvalues run on the
-first `MECHANISM_PROMPTS` evaluation prompts.  Both counts are in the report.
+on the first `FIT_PROMPTS` scan prompts, the GD++ fit (~1 700 closed-form batch errors, ~4 s for
+4096 prompts at T = 5, d = 10 on a 2-core CPU) on all of them; both are memoised on the scan
+prompts' recipe (task, seed, count, T: they depend on nothing else).  The GD++ oracle's per-prompt
+search (~2 000 closed-form evaluations per prompt, ~1 s per 1000 prompts) runs with the other
+per-prompt metrics; the mechanism's loop states and eigenvalues run on the first
+`MECHANISM_PROMPTS` evaluation prompts.  Both counts are in the report.
 Shapes: prompts as in `tasks.Batch`; W: [loops, batch, d_out, d]; P, Q: [D, D], D = d + d_out.
 """
 from __future__ import annotations
@@ -33,19 +40,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import algorithms, construction, model as model_lib, tasks
+from loopicl.linear import algorithms, baselines, construction, model as model_lib, tasks
 from loopicl.linear.formatting import TIE, fmt, loop_table, verdict
 
-ALGORITHMS = ("cg", "chebyshev", "chebyshev_oracle", "newton", "whitened_gd")
+ALGORITHMS = ("cg", "chebyshev", "chebyshev_oracle", "newton", "whitened_gd", "gdpp", "gdpp_oracle")
 CANDIDATES = ("gd", "pgd") + ALGORITHMS  # what `closest` ranks
 LABELS = {"gd": "GD (η*)", "pgd": "PGD (c*·Σ⁻¹)", "cg": "conjugate gradients",
           "chebyshev": "Chebyshev (Marchenko–Pastur bounds)",
           "chebyshev_oracle": "Chebyshev (each prompt's λ_min, λ_max)",
-          "newton": "Newton–Schulz (step t ≈ 2^t GD steps)", "whitened_gd": "whitened GD (fitted)"}
-KNOBS = ("chebyshev_lambda_min", "chebyshev_lambda_max", "whitened_gd_pq", "whitened_gd_step")
+          "newton": "Newton–Schulz (step t ≈ 2^t GD steps)", "whitened_gd": "whitened GD (fitted)",
+          "gdpp": "GD++ (γ, η tuned for the mean)", "gdpp_oracle": "GD++ (each prompt's γ, η)"}
+KNOBS = ("chebyshev_lambda_min", "chebyshev_lambda_max", "whitened_gd_pq", "whitened_gd_step",
+         "gdpp_gamma", "gdpp_step")
 FIT_PROMPTS, MECHANISM_PROMPTS = 512, 512
 SPECTRUM = ("kappa_hat", "lambda_min", "lambda_max")
-_FITS: dict = {}  # memo of `tune`'s whitened fit, keyed by the scan prompts' recipe
+_FITS: dict = {}  # memo of `tune`'s whitened and GD++ fits, keyed by the scan prompts' recipe
 
 
 def key(algorithm: str, metric: str) -> str:
@@ -66,7 +75,9 @@ def tune(scan: tasks.Batch, task_config, *, steps: int, memo=None) -> dict[str, 
 
   Chebyshev's fixed bounds are the task's Marchenko–Pastur edges (no fit); whitened GD's (pq, η)
   come from `algorithms.fit_whitened_gd` on the first FIT_PROMPTS scan prompts (the construction
-  is `whitened_gd_weights(p=pq, q=1, step_size=η)`).  memo: a hashable recipe of `scan` (or None).
+  is `whitened_gd_weights(p=pq, q=1, step_size=η)`), GD++'s (γ, η) from `baselines.fit_gdpp` on
+  all of them (`construction.gdpp_params(step_size=η, gamma=γ)`).  memo: a hashable recipe of
+  `scan` (or None).
   """
   lo, hi = algorithms.marchenko_pastur_edges(task_config)
   k = min(FIT_PROMPTS, scan.X.shape[0])
@@ -74,21 +85,25 @@ def tune(scan: tasks.Batch, task_config, *, steps: int, memo=None) -> dict[str, 
   fit = _FITS.get(recipe)
   if fit is None:
     fit = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k], scan.targets[:k],
-                                     steps=steps)
+                                     steps=steps)[:2]
+    fit += baselines.fit_gdpp(scan.X, scan.Y, scan.X_query, scan.targets, steps=steps)[:2]
     if recipe is not None:
       if len(_FITS) >= 16:
         _FITS.pop(next(iter(_FITS)))  # the oldest
       _FITS[recipe] = fit
-  return dict(zip(KNOBS, (lo, hi, fit[0], fit[1])))
+  return dict(zip(KNOBS, (lo, hi) + fit))
 
 
-def iterates(batch: tasks.Batch, knobs, *, loops: int) -> dict[str, jax.Array]:
+def iterates(batch: tasks.Batch, knobs, *, loops: int,
+             trained_loops: int | None = None) -> dict[str, jax.Array]:
   """name → the ladder's weights on the raw inputs after t = 1..loops steps: [loops, batch, d_out, d].
 
   knobs: `tune`'s dict (numbers or traced scalars); jit-able.  Newton's entry t is Newton step t.
+  trained_loops: the T each prompt's GD++ oracle knobs are chosen for (default: loops).
   """
   X, Y = batch.X, batch.Y
   lo, hi = construction.covariance_extremes(X)
+  gamma_i, eta_i = baselines.gdpp_oracle(X, steps=trained_loops or loops)
   out = {
       "cg": algorithms.conjugate_gradient_iterates(X, Y, steps=loops),
       "chebyshev": algorithms.chebyshev_iterates(X, Y, steps=loops,
@@ -98,6 +113,9 @@ def iterates(batch: tasks.Batch, knobs, *, loops: int) -> dict[str, jax.Array]:
       "newton": algorithms.newton_schulz_iterates(X, Y, steps=loops),
       "whitened_gd": algorithms.whitened_gd_iterates(X, Y, steps=loops, p=knobs["whitened_gd_pq"],
                                                      q=1.0, step_size=knobs["whitened_gd_step"]),
+      "gdpp": construction.gdpp_iterates(X, Y, steps=loops, step_size=knobs["gdpp_step"],
+                                         gamma=knobs["gdpp_gamma"]),
+      "gdpp_oracle": construction.gdpp_iterates(X, Y, steps=loops, step_size=eta_i, gamma=gamma_i),
   }
   return {name: W[1:] for name, W in out.items()}  # t = 1..loops, aligned with the report's loops
 
@@ -197,7 +215,8 @@ def findings(r: dict) -> list[str]:
 
 
 _SHORT = {"gd": "GD η*", "pgd": "PGD c·Σ⁻¹", "cg": "CG", "chebyshev": "Chebyshev MP",
-          "chebyshev_oracle": "Chebyshev oracle", "newton": "Newton–Schulz", "whitened_gd": "whitened GD"}
+          "chebyshev_oracle": "Chebyshev oracle", "newton": "Newton–Schulz", "whitened_gd": "whitened GD",
+          "gdpp": "GD++", "gdpp_oracle": "GD++ oracle"}
 
 
 def markdown(r: dict) -> list[str]:
@@ -211,7 +230,9 @@ def markdown(r: dict) -> list[str]:
            f"steps. Chebyshev MP on [{fmt(r['chebyshev_lambda_min'])}, "
            f"{fmt(r['chebyshev_lambda_max'])}]; whitened GD pq = {fmt(r['whitened_gd_pq'])}, "
            f"η = {fmt(r['whitened_gd_step'])} (fitted at T on {r['whitened_gd_fit_prompts']} scan "
-           "prompts).", ""]
+           f"prompts); GD++ γ = {fmt(r.get('gdpp_gamma'))}, η = {fmt(r.get('gdpp_step'))} (the same "
+           f"loop, tuned jointly at T on {r.get('gdpp_fit_prompts')} scan prompts); GD++ oracle: each "
+           "prompt's (γ, η) minimising its worst eigen-direction at T.", ""]
   lines += loop_table(r, ["model"] + [_SHORT[a] for a in algos], lambda j: [fmt(r["model_error"][j])] + [
       f"{fmt(r[key(a, 'error')][j])} ({fmt(r[key(a, 'prediction_l2')][j])})"
       for a in algos])

@@ -41,6 +41,8 @@ LADDER_LINES = (
     ("newton", "Newton–Schulz (step t ≈ 2ᵗ GD steps)",
      dict(color="C9", lw=1.2, ls="-.", marker="^", ms=2.5)),
     ("whitened_gd", "whitened GD, fitted (pq, η)", dict(color="C8", lw=1.6, marker="d", ms=2.5)),
+    ("gdpp", "GD++, (γ, η) tuned for the mean", dict(color="C7", lw=1.6, marker="v", ms=2.5)),
+    ("gdpp_oracle", "GD++, each prompt's (γ, η)", dict(color="C7", lw=1.2, ls=":", marker="v", ms=2)),
 )
 # Every candidate of `closest_algorithm`, for the ladder figure.
 CANDIDATE_LINES = (("gd", "GD, best constant step η*", dict(color="C1", lw=1.6)),

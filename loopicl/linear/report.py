@@ -33,7 +33,7 @@ TB_SCALARS = ("weight_distance", "offblock_fraction", "gd_step_equivalent", "gd_
               "preconditioner_cosine_identity", "preconditioner_cosine_sigma_inv",
               "preconditioner_asymmetry", "preconditioner_complex_eigenvalues",
               "population_contraction", "model_rate", "gd_rate", "closest_algorithm_margin",
-              "whitened_gd_pq", "whitened_gd_step")
+              "whitened_gd_pq", "whitened_gd_step", "gdpp_gamma", "gdpp_step")
 
 # |Im λ| above this fraction of max |λ| counts as a complex eigenvalue.
 COMPLEX_TOL = 1e-6

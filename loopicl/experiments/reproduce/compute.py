@@ -6,7 +6,7 @@ A point is one (task kind, d, n, κ_Σ) setting and one method:
     (`step_rules`: one tuned step, the Marchenko–Pastur-safe step, each prompt's oracle step,
     and c·Σ⁻¹ preconditioned GD) in closed form at every T of grid.loops (up to 200), stored per
     seed under "methods"; and, on the same test prompts with the same error, the reference
-    ladder (`ladder.seed_ladder`: CG, Chebyshev, Newton–Schulz, whitened GD) at the T ≤
+    ladder (`ladder.seed_ladder`: CG, Chebyshev, Newton–Schulz, whitened GD, GD++) at the T ≤
     max(grid.trained_loops), under "ladder"; each method becomes results.csv rows of its own;
   * `trained` (`run_trained`): all seeds of a `full` looped transformer trained in one vmapped
     program (`sweep.train_seeds`), read out at every T on the same test prompts, with its

@@ -42,7 +42,7 @@ def _band(ax, x, stats, color, label, marker=None, ls="-"):
 
 
 LADDER_STYLE = {"cg": ("C2", ":"), "chebyshev": ("C3", "-."), "newton": ("C4", (0, (5, 2))),
-                "whitened_gd": ("C5", (0, (1, 1, 3, 1)))}
+                "whitened_gd": ("C5", (0, (1, 1, 3, 1))), "gdpp": ("C7", (0, (3, 1, 1, 1, 1, 1)))}
 
 
 def _ladder_lines(ax, agg, setting) -> None:

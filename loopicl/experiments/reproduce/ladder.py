@@ -1,7 +1,7 @@
 """The reference-algorithm ladder of `loopicl.linear.algorithms`, scored inside a construction point.
 
 Beside GD with the best constant step (the `construction` method), each construction point scores
-four reference algorithms on the *same* held-out test prompts with the *same* per-prompt error
+five reference algorithms on the *same* held-out test prompts with the *same* per-prompt error
 (`compute.per_prompt_error`), in float64, at every T of the point:
 
   * `cg`: conjugate gradients after T steps (the best any T-step Krylov method — GD with any step
@@ -18,7 +18,12 @@ four reference algorithms on the *same* held-out test prompts with the *same* pe
     plus a compile per T: ~12 min over the quick grid, as long as the rest of it), so the knobs
     are tuned for fixed_loops (~5 s per seed): at T ≠ fixed_loops they are not the per-T optimum.  The fit minimises the
     batch-mean query MSE — for vector_generation (queries e_1..e_d) that is ||Ŵ − W*||_F²/d, a
-    proxy for the relative weight error the grid reports.
+    proxy for the relative weight error the grid reports;
+  * `gdpp`: GD++ (`construction.gdpp_params`: the same loop as whitened GD, γ = pq), its (γ, η)
+    tuned jointly (`baselines.fit_gdpp`, a 2-D grid and zoom of the closed form; never worse than
+    the tuned GD on the scan prompts) once per seed at T = grid.fixed_loops on all the seed's scan
+    prompts, then read at every T (`construction.gdpp_iterates`).  Cost: ~4 s per seed and
+    setting at d = 10, fixed_loops = 10, 2048 scan prompts on a 2-core CPU.
 
 Every method gives all its iterates in one run ([steps + 1, …], entry t = t steps), so each is
 run once to the point's largest T and read at every T.  `seed_ladder` returns what the point file
@@ -31,19 +36,22 @@ from typing import Callable
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import algorithms
+from loopicl.linear import algorithms, baselines, construction
 
-METHODS = ("cg", "chebyshev", "newton", "whitened_gd")
+METHODS = ("cg", "chebyshev", "newton", "whitened_gd", "gdpp")
 LABELS = {"cg": "conjugate gradients", "chebyshev": "Chebyshev (MP edges)",
-          "newton": "Newton–Schulz (step = loop)", "whitened_gd": "whitened GD (fitted at grid.fixed_loops)"}
-SHORT = {"cg": "CG", "chebyshev": "Chebyshev", "newton": "Newton–Schulz", "whitened_gd": "whitened GD"}
+          "newton": "Newton–Schulz (step = loop)", "whitened_gd": "whitened GD (fitted at grid.fixed_loops)",
+          "gdpp": "GD++ (γ, η tuned at grid.fixed_loops)"}
+SHORT = {"cg": "CG", "chebyshev": "Chebyshev", "newton": "Newton–Schulz", "whitened_gd": "whitened GD",
+         "gdpp": "GD++"}
 WHITENED_FIT_PROMPTS = 512  # scan prompts the whitened-GD knobs are fitted on (its cost is the fit)
 
 
 def spec() -> dict:
   """What the ladder's numbers depend on beyond the point itself (part of its fingerprint)."""
   return {"methods": list(METHODS), "whitened_fit_prompts": WHITENED_FIT_PROMPTS,
-          "whitened_fit": "fixed_loops", "chebyshev_edges": "marchenko_pastur"}
+          "whitened_fit": "fixed_loops", "chebyshev_edges": "marchenko_pastur",
+          "gdpp_fit": "fixed_loops, all scan prompts"}
 
 
 def _summary(per_prompt, threshold: float) -> dict:
@@ -57,10 +65,10 @@ def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable,
   """The ladder on one seed's prompts: {method: {str(T): `stats.prompt_distribution` record}}.
 
   task: the setting's task config; test, scan: its `tasks.Batch`es (float64); loops: the point's
-  T; fit_loops: the T whitened GD is fitted at; threshold: ε·(error at W = 0);
+  T; fit_loops: the T whitened GD and GD++ are fitted at; threshold: ε·(error at W = 0);
   error_of(readouts [..., batch, d_out, m]) -> per-prompt errors [..., batch]; methods: the rungs
-  to run (grid.ladder).  Call under x64.  The whitened_gd entries also hold their knobs ("pq",
-  "step_size", "fit_loops") and the fit's scan MSE.
+  to run (grid.ladder).  Call under x64.  The whitened_gd and gdpp entries also hold their knobs
+  ("pq" or "gamma", "step_size", "fit_loops") and the fit's scan MSE.
   """
   loops = sorted(int(T) for T in loops)
   steps = max(loops)
@@ -76,14 +84,21 @@ def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable,
     W = iterates[method]()
     per_prompt = np.asarray(error_of(W @ test.X_query))            # [steps + 1, prompts]
     out[method] = {str(T): _summary(per_prompt[T], threshold) for T in loops}
-  if "whitened_gd" not in methods:
-    return out
-  k = min(WHITENED_FIT_PROMPTS, int(scan.X.shape[0]))
-  pq, eta, fit_mse = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k],
-                                                scan.targets[:k], steps=int(fit_loops))
-  per_prompt = np.asarray(error_of(algorithms.whitened_gd_predictions(
-      test.X, test.Y, test.X_query, steps=steps, p=pq, q=1.0, step_size=eta)))
-  knobs = {"pq": float(pq), "step_size": float(eta), "fit_loops": int(fit_loops),
-           "fit_scan_mse": float(fit_mse)}
-  out["whitened_gd"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
+  if "whitened_gd" in methods:
+    k = min(WHITENED_FIT_PROMPTS, int(scan.X.shape[0]))
+    pq, eta, fit_mse = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k],
+                                                  scan.targets[:k], steps=int(fit_loops))
+    per_prompt = np.asarray(error_of(algorithms.whitened_gd_predictions(
+        test.X, test.Y, test.X_query, steps=steps, p=pq, q=1.0, step_size=eta)))
+    knobs = {"pq": float(pq), "step_size": float(eta), "fit_loops": int(fit_loops),
+             "fit_scan_mse": float(fit_mse)}
+    out["whitened_gd"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
+  if "gdpp" in methods:
+    gamma, eta, fit_mse = baselines.fit_gdpp(scan.X, scan.Y, scan.X_query, scan.targets,
+                                              steps=int(fit_loops))
+    W = construction.gdpp_iterates(test.X, test.Y, steps=steps, step_size=eta, gamma=gamma)
+    per_prompt = np.asarray(error_of(W @ test.X_query))
+    knobs = {"gamma": float(gamma), "step_size": float(eta), "fit_loops": int(fit_loops),
+             "fit_scan_mse": float(fit_mse)}
+    out["gdpp"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
   return out
