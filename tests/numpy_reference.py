@@ -50,3 +50,20 @@ def gdpp(X, Y, X_query, steps, eta, gamma):
     outs.append(-H)
     inputs.append(X.copy())
   return np.stack(outs), np.stack(inputs)
+
+
+def looped_transformer_columns(P, Q, Z0, loops, n_queries, d_out):
+  """The same loop without the (n+m)×(n+m) mask matrix: Z ← Z + (1/n) P C Cᵀ Q Z with C = Z[:, :n]
+  the context columns (M Zᵀ keeps only them), so memory is O(D·(n+m)) — for many queries.
+
+  Z0: [batch, D, n+m]. Returns read-outs [loops, batch, d_out, m].
+  """
+  Z = np.array(Z0, dtype=np.float64)
+  n = Z.shape[-1] - n_queries
+  d = Z.shape[-2] - d_out
+  outs = []
+  for _ in range(loops):
+    C = Z[..., :n]
+    Z = Z + P @ (C @ np.swapaxes(C, -1, -2)) @ Q @ Z / n
+    outs.append(-Z[:, d:, n:])
+  return np.stack(outs)
