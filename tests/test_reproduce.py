@@ -10,6 +10,7 @@ import pytest
 
 from loopicl import config as config_lib, study
 from loopicl.experiments import reproduce
+from loopicl.linear import expected_error
 from tests import numpy_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,13 +58,26 @@ def _check_ladder_rows(rows, max_loops):
 
 
 def _check_distribution_columns(rows):
-  """The distribution columns are present and consistent on every row."""
+  """The distribution columns — of the single-query error and of each prompt's expected error
+  E_q — are present and consistent on every row."""
   for r in rows:
     if r["diverged"] == "1":
       continue
-    med, q90, q99 = (float(r[c]) for c in ("error_median", "error_q90", "error_q99"))
-    assert med <= q90 <= q99 and 0.0 <= float(r["frac_below_eps"]) <= 1.0, r
+    for prefix, frac in (("single_query_error", "single_query_frac_below_eps"),
+                         ("expected_error", "frac_expected_below_eps")):
+      med, q90, q99 = (float(r[f"{prefix}_{c}"]) for c in ("median", "q90", "q99"))
+      assert 0.0 < med <= q90 <= q99 and 0.0 <= float(r[frac]) <= 1.0, r
+    if float(r["expected_error_median"]) > 1e-20:  # above float64 round-off (CG, Newton reach it)
+      # One query per prompt: E_q's median is above the single-query median (a χ²₁ factor's
+      # median is 0.45 of its mean).
+      assert float(r["single_query_error_median"]) < float(r["expected_error_median"]), r
     assert float(r["epsilon"]) == 1e-3 and int(r["nonfinite"]) >= 0
+
+
+def _expected_errors(W, W_star, sigma):
+  """numpy float64 E_q per prompt: tr((W − W*) Σ (W − W*)ᵀ)/d_out, W [..., batch, d_out, d]."""
+  D = W - W_star
+  return np.einsum("...oi,ij,...oj->...", D, sigma, D) / D.shape[-2]
 
 
 @pytest.mark.parametrize("train_mode", ["window", pytest.param("per_loops", marks=pytest.mark.slow)])
@@ -105,10 +119,19 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, train_mode):
     task = reproduce.task_config(config, "linear_regression", 3, 12, 1.0)
     test, _ = reproduce.eval_prompts(task, config.grid.eval_seed, 1, config.grid.eval_prompts)
   X, Y, Xq, tg = (np.asarray(a, np.float64) for a in (test.X, test.Y, test.X_query, test.targets))
+  sigma = expected_error.query_covariance(task)
   for method in ("construction", "construction_safe", "construction_mp"):
     for r in (r for r in rows if r["method"] == method and r["seed"] == "1" and r["loops"] in ("2", "6")):
       W = numpy_reference.preconditioned_gd(X, Y, float(r["step_size"]) * np.eye(3), int(r["loops"]))[-1]
       assert float(r["error"]) == pytest.approx(np.mean((W @ Xq - tg) ** 2), rel=1e-5)
+      # Each prompt's expected error over the query, and its distribution over the prompts.
+      E = _expected_errors(W, np.asarray(test.W_star), sigma)
+      assert float(r["expected_error"]) == pytest.approx(np.mean(E), rel=1e-5)
+      for col, q in (("median", 0.5), ("q90", 0.9), ("q99", 0.99)):
+        assert float(r[f"expected_error_{col}"]) == pytest.approx(
+            np.quantile(E, q, method="inverted_cdf"), rel=1e-5), (method, col)
+      eps = float(r["epsilon"]) * float(r["error_at_zero"])
+      assert float(r["frac_expected_below_eps"]) == pytest.approx(np.mean(E <= eps), abs=1e-6)
   assert all(r["bound_violations"] == "0" for r in rows if r["method"] == "construction_oracle")
   with open(tmp_path / "n_required.csv") as f:
     assert tuple(next(csv.reader(f))) == reproduce.N_REQUIRED_COLUMNS
@@ -137,8 +160,9 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
   ladder_loops = [T for T in config.grid.loops if T <= max(config.grid.trained_loops)]
   assert len(csv_rows) == len(rows) == 2 * (5 * len(reproduce.STEP_RULES) + len(ladder_loops) * len(reproduce.LADDER_METHODS))
   _check_ladder_rows(csv_rows, max(config.grid.trained_loops))
-  error = lambda method, T, seed: float(next(
-      r["error"] for r in csv_rows if (r["method"], r["loops"], r["seed"]) == (method, str(T), str(seed))))
+  error = lambda method, T, seed, col="error": float(next(
+      r[col] for r in csv_rows if (r["method"], r["loops"], r["seed"]) == (method, str(T), str(seed))))
+  sigma_q = expected_error.query_covariance(reproduce.task_config(config, p["kind"], p["d"], p["n"], p["kappa"]))
   task = reproduce.task_config(config, p["kind"], p["d"], p["n"], p["kappa"])
   for seed in config.grid.seeds:
     with jax.enable_x64(True):
@@ -148,15 +172,40 @@ def test_ladder_errors_match_independent_numpy(tmp_path):
     sigma, b = X @ X.transpose(0, 2, 1) / n, Y @ X.transpose(0, 2, 1) / n
     mse = lambda W: float(np.mean(np.mean((W @ Xq - targets) ** 2, axis=(1, 2))))
     w_ls = np.linalg.solve(sigma, b.transpose(0, 2, 1)).transpose(0, 2, 1)  # b Σ̂⁻¹ (Σ̂ symmetric)
+    E = lambda W: _expected_errors(W, np.asarray(test.W_star), sigma_q)  # per prompt
     for T in (3, 4):  # T >= d = 3
       assert error("cg", T, seed) == pytest.approx(mse(w_ls), rel=1e-5)
+      assert error("cg", T, seed, "expected_error") == pytest.approx(np.mean(E(w_ls)), rel=1e-5)
+      assert error("cg", T, seed, "expected_error_median") == pytest.approx(
+          np.quantile(E(w_ls), 0.5, method="inverted_cdf"), rel=1e-5)
     alpha = 1 / np.linalg.norm(sigma, axis=(1, 2))[:, None, None]
     W = np.zeros_like(b)
     for t in range(1, 2 ** 4 + 1):
       W = W - alpha * (W @ sigma - b)
       if t in (2, 4, 8, 16):  # 2^T GD steps: Newton-Schulz step T = 1..4
         assert error("newton", int(np.log2(t)), seed) == pytest.approx(mse(W), rel=1e-5)
+        assert error("newton", int(np.log2(t)), seed, "expected_error_q90") == pytest.approx(
+            np.quantile(E(W), 0.9, method="inverted_cdf"), rel=1e-5)
     assert error("cg", 4, seed) < error("construction", 4, seed)
+
+
+def test_n_required_reads_the_expected_error_statistics():
+  """n_required.csv: the mean is the single-query error's mean (as before), the median and q90
+  are E_q's (`expected_error_median`, `_q90`), never the single-query columns.  Here the
+  single-query median and q90 reach ε at every n/d, E_q's median only at n/d = 4, its q90 never."""
+  config = tiny_grid()
+  config.grid.n_over_d = (2.0, 4.0)
+  rows = []
+  for r_over_d, expected_median in ((2.0, 0.5), (4.0, 1e-6)):
+    row = {c: "" for c in reproduce.CSV_COLUMNS}
+    row.update(task_kind="linear_regression", d=3, n_context=int(3 * r_over_d), condition_number=1.0,
+               noise_std=0.0, loops=5, seed=0, method="construction", error=1e-6, diverged=0,
+               nonfinite=0, epsilon=1e-3, error_at_zero=1.0, single_query_error_median=1e-9,
+               single_query_error_q90=1e-9, expected_error_median=expected_median,
+               expected_error_q90=1.0)
+    rows.append(row)
+  need = {r["statistic"]: r["n_over_d_required"] for r in reproduce.n_required_rows(config, rows)}
+  assert need == {"mean": 2.0, "expected_median": 4.0, "expected_q90": float("inf")}
 
 
 def test_condition_settings_train_in_their_own_mode():

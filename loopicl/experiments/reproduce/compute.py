@@ -14,10 +14,14 @@ A point is one (task kind, d, n, κ_Σ) setting and one method:
 
 Seed s draws its test and scan prompts from fold_in(key(grid.eval_seed), s) (`eval_prompts`).
 The error (`per_prompt_error`) is the query MSE (linear_regression) or ||Ŵ − W*||_F / ||W*||_F
-(vector_generation, the read-out with queries e_1..e_d is Ŵ); every method's record per T is its
-distribution over the test prompts (`stats.prompt_distribution`: mean over the finite prompts,
-median, q90, q99, fraction below ε·(error at W = 0), non-finite count) and its distance to least
-squares.  A point's file, points/<id>.json in the workdir, holds its numbers
+(vector_generation, the read-out with queries e_1..e_d is Ŵ); beside it each prompt's expected
+error over the query E_q (`per_prompt_expected_error`, `linear.expected_error`: from the method's
+effective weights — a trained model's are its read-out at the d unit queries; for
+vector_generation E_q is the error itself).  Every method's record per T is the distribution over
+the test prompts of both (`expected_error.statistics`: the mean of the single-query error, its
+median, q90, q99 and fraction below ε·(error at W = 0) named `single_query_*`, the non-finite
+count; the mean, median, q90, q99 and fraction below ε of E_q named `expected_*`) and its
+distance to least squares.  A point's file, points/<id>.json in the workdir, holds its numbers
 and its fingerprint; the study runner (loopicl/study.py) reads and writes it.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 from loopicl import stats, sweep
 from loopicl.experiments.reproduce import ladder, step_rules
 from loopicl.experiments.reproduce.grid import experiment_config, task_config
-from loopicl.linear import construction, tasks, weights
+from loopicl.linear import construction, expected_error, tasks, weights
 from loopicl.linear.model import loop_readouts
 
 
@@ -62,6 +66,17 @@ def per_prompt_error(readouts, batch: tasks.Batch, kind: str):
   if kind == "vector_generation":
     return tasks.relative_weight_error(readouts, batch.W_star)
   return tasks.query_mse(readouts, batch.targets)
+
+
+def per_prompt_expected_error(W_eff, batch: tasks.Batch, task):
+  """Each prompt's expected error over the query, measured like `per_prompt_error`:
+  W_eff [..., batch, d_out, d] -> [..., batch].  Query MSE: E_q against the noise-free targets
+  (`expected_error.expected_error` with Σ, noise 0); vector generation: its relative weight error
+  (it has no random query: E_q is the error itself)."""
+  if task.kind == "vector_generation":
+    return tasks.relative_weight_error(W_eff, batch.W_star)
+  return expected_error.expected_error(W_eff, batch.W_star,
+                                       jnp.asarray(expected_error.query_covariance(task), W_eff.dtype))
 
 
 def _finite_mean(x) -> tuple[float, int]:
@@ -104,7 +119,8 @@ def run_construction(config, p: dict) -> dict:
         rec["ladder"] = ladder.seed_ladder(
             task, test, scan_batch, ladder_loops, g.fixed_loops,
             lambda readouts: per_prompt_error(readouts, test, p["kind"]), extra["threshold"],
-            methods=tuple(g.ladder))
+            methods=tuple(g.ladder),
+            expected_of=lambda W: per_prompt_expected_error(W, test, task))
       out["ladder_wall_s"] = out.get("ladder_wall_s", 0.0) + time.time() - t0
       out["seeds"][str(seed)] = rec
   return out
@@ -142,11 +158,16 @@ def run_trained(config, p: dict, log: Callable[[str], None]) -> dict:
       test, _ = eval_prompts(task, g.eval_seed, seed, int(g.eval_prompts))
       readouts = loop_readouts(P, Q, test.Z0, loops=T, d_out=d_out, n_queries=m)
       per_loop = np.asarray(per_prompt_error(readouts, test, p["kind"]))    # [T, prompts]
+      W_eff = expected_error.effective_weights(
+          lambda b: loop_readouts(P, Q, b.Z0, loops=T, d_out=d_out, n_queries=b.X_query.shape[-1]),
+          test)                                                              # [T, prompts, d_out, d]
+      expected = np.asarray(per_prompt_expected_error(W_eff, test, task))
       errors = [_finite_mean(row) for row in per_loop]
       ls = construction.least_squares(test.X, test.Y) @ test.X_query
       to_ls = stats.prompt_distribution(np.asarray(_distance(readouts, ls, test, p["kind"])), 0.0)
       zero = per_prompt_error(jnp.zeros_like(test.targets), test, p["kind"])
-      dist = stats.prompt_distribution(per_loop, float(g.epsilon) * float(np.mean(np.asarray(zero))))
+      dist = expected_error.statistics(per_loop, expected,
+                                       float(g.epsilon) * float(np.mean(np.asarray(zero))))
       loops_rec = {}
       for T_read in p["read_loops"]:
         j = int(T_read) - 1

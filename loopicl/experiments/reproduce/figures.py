@@ -77,12 +77,17 @@ def _normalised(a: dict) -> dict:
 
 
 LINE_STYLES = ("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 1, 1, 1)))
-QUANTILE_STYLE = (("mean", "C3", "-"), ("median", "C0", "-"), ("q90", "C0", "--"), ("q99", "C0", ":"))
+# (aggregate key, colour, line style, label): the mean error and E_q's quantiles over prompts, and
+# the single-query median for comparison (results.csv columns of the same names).
+QUANTILE_STYLE = (("mean", "C3", "-", "mean"), ("expected_median", "C0", "-", "median E_q"),
+                  ("expected_q90", "C0", "--", "q90 E_q"), ("expected_q99", "C0", ":", "q99 E_q"),
+                  ("single_query_median", "C1", ":", "median, 1 query"))
 
 
 def quantile_figure(config, agg, kind: str):
-  """Mean, median, q90, q99 against T (to the largest T), one row per n/d, one column per step
-  rule and the trained model, at the first d of grid.trained_ds; ε·(error at T = 0) dotted."""
+  """Mean, and the median, q90, q99 of E_q (each prompt's expected error), against T (to the
+  largest T), one row per n/d, one column per step rule and the trained model, at the first d of
+  grid.trained_ds, with the single-query median for comparison; ε·(error at T = 0) dotted."""
   g = config.grid
   d = int(g.trained_ds[0])
   methods = [m for m in step_rules.METHODS + ("trained",) if any(k[4] == m and k[0] == kind for k in agg)]
@@ -92,9 +97,9 @@ def quantile_figure(config, agg, kind: str):
     for j, m in enumerate(methods):
       ax = axes[i, j]
       Ts = sorted(k[5] for k in agg if k[:5] == (kind, d, n, 1.0, m))
-      for stat, color, ls in QUANTILE_STYLE:
+      for stat, color, ls, label in QUANTILE_STYLE:
         ys = [agg[(kind, d, n, 1.0, m, T)][stat] for T in Ts]
-        ax.plot(Ts, ys, color=color, ls=ls, lw=1, label=stat)
+        ax.plot(Ts, ys, color=color, ls=ls, lw=1, label=label)
       if Ts:
         a = agg[(kind, d, n, 1.0, m, Ts[0])]
         ax.axhline(a["epsilon"] * a["error_at_zero"], color="gray", ls=":", lw=0.8, label="ε·e₀")
@@ -111,7 +116,7 @@ def quantile_figure(config, agg, kind: str):
 
 
 def n_required_figure(config, req_rows, kind: str):
-  """n/d required for mean / median / q90 to reach ε, against T: one panel per (method,
+  """n/d required for the mean / E_q's median / E_q's q90 to reach ε, against T: one panel per (method,
   statistic), one line per d; `never` drawn above the grid's largest n/d."""
   g = config.grid
   rows = [r for r in req_rows if r["task_kind"] == kind and r["condition_number"] == 1.0

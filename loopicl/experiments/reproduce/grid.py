@@ -22,6 +22,9 @@ from loopicl.experiments.reproduce import ladder, step_rules
 from loopicl.linear import spectral, tasks
 
 TRAIN_MODES = ("per_loops", "window")
+# What a point's records hold, beyond the grid fields: a change here recomputes every point (the
+# records gained each prompt's expected error over the query, E_q, beside the single-query error).
+RECORD_VERSION = "single-query and expected error (E_q), v1"
 
 
 class GridError(ValueError):
@@ -202,7 +205,8 @@ def fingerprint(config, p: dict) -> str:
   """A hash of everything a point's numbers depend on (a changed setting invalidates it)."""
   g = config.grid
   parts = {"point": p, "seeds": list(g.seeds), "eval": [g.eval_prompts, g.eval_seed],
-           "task": {k: v for k, v in config.experiment.task.to_dict().items()}}
+           "task": {k: v for k, v in config.experiment.task.to_dict().items()},
+           "records": RECORD_VERSION}
   if p["method"] == "construction":  # the step rules and the ladder are part of a construction point
     parts["ladder"] = dict(ladder.spec(), fit_loops=int(g.fixed_loops), rungs=list(g.ladder),
                            max_loops=max(int(t) for t in g.trained_loops))

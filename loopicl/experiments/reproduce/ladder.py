@@ -26,8 +26,12 @@ five reference algorithms on the *same* held-out test prompts with the *same* pe
     setting at d = 10, fixed_loops = 10, 2048 scan prompts on a 2-core CPU.
 
 Every method gives all its iterates in one run ([steps + 1, …], entry t = t steps), so each is
-run once to the point's largest T and read at every T.  `seed_ladder` returns what the point file
-stores per seed under "ladder"; `outputs.rows_from_points` turns it into results.csv rows.
+run once to the point's largest T and read at every T.  Each rung's record per T has both the
+single-query error's distribution and that of each prompt's expected error over the query E_q
+(`expected_error.statistics`): from its weights W_t, or for whitened GD (given as predictions)
+from its read-out at the d unit queries (`expected_error.effective_weights`).  `seed_ladder`
+returns what the point file stores per seed under "ladder"; `outputs.rows_from_points` turns it
+into results.csv rows.
 """
 from __future__ import annotations
 
@@ -35,8 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from loopicl import stats
-from loopicl.linear import algorithms, baselines, construction
+from loopicl.linear import algorithms, baselines, construction, expected_error
 
 METHODS = ("cg", "chebyshev", "newton", "whitened_gd", "gdpp")
 LABELS = {"cg": "conjugate gradients", "chebyshev": "Chebyshev (MP edges)",
@@ -51,24 +54,27 @@ def spec() -> dict:
   """What the ladder's numbers depend on beyond the point itself (part of its fingerprint)."""
   return {"methods": list(METHODS), "whitened_fit_prompts": WHITENED_FIT_PROMPTS,
           "whitened_fit": "fixed_loops", "chebyshev_edges": "marchenko_pastur",
-          "gdpp_fit": "fixed_loops, all scan prompts"}
+          "gdpp_fit": "fixed_loops, all scan prompts",
+          "statistics": "single-query and expected error (E_q)"}
 
 
-def _summary(per_prompt, threshold: float) -> dict:
-  """`stats.prompt_distribution` of one T's per-prompt errors, as Python numbers."""
-  dist = stats.prompt_distribution(np.asarray(per_prompt), threshold)
+def _summary(per_prompt, expected, threshold: float) -> dict:
+  """`expected_error.statistics` of one T's per-prompt errors and E_q, as Python numbers."""
+  dist = expected_error.statistics(per_prompt, expected, threshold)
   return {k: (int(v) if k == "nonfinite" else float(v)) for k, v in dist.items()}
 
 
 def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable,
-                threshold: float, methods=METHODS) -> dict:
-  """The ladder on one seed's prompts: {method: {str(T): `stats.prompt_distribution` record}}.
+                threshold: float, methods=METHODS, expected_of: Callable | None = None) -> dict:
+  """The ladder on one seed's prompts: {method: {str(T): `expected_error.statistics` record}}.
 
   task: the setting's task config; test, scan: its `tasks.Batch`es (float64); loops: the point's
   T; fit_loops: the T whitened GD and GD++ are fitted at; threshold: ε·(error at W = 0);
-  error_of(readouts [..., batch, d_out, m]) -> per-prompt errors [..., batch]; methods: the rungs
-  to run (grid.ladder).  Call under x64.  The whitened_gd and gdpp entries also hold their knobs
-  ("pq" or "gamma", "step_size", "fit_loops") and the fit's scan MSE.
+  error_of(readouts [..., batch, d_out, m]) -> per-prompt errors [..., batch]; expected_of(W_eff
+  [..., batch, d_out, d]) -> per-prompt E_q [..., batch] (None: E_q = the error, as for a weight
+  error with no random query); methods: the rungs to run (grid.ladder).  Call under x64.  The
+  whitened_gd and gdpp entries also hold their knobs ("pq" or "gamma", "step_size", "fit_loops")
+  and the fit's scan MSE.
   """
   loops = sorted(int(T) for T in loops)
   steps = max(loops)
@@ -80,25 +86,34 @@ def seed_ladder(task, test, scan, loops, fit_loops: int, error_of: Callable,
       "newton": lambda: algorithms.newton_schulz_iterates(test.X, test.Y, steps=steps),
   }
   out = {}
+
+  def scored(W, per_prompt):  # [steps + 1, prompts] each: the errors and E_q of W
+    per_prompt = np.asarray(per_prompt)
+    return per_prompt, per_prompt if expected_of is None else np.asarray(expected_of(W))
+
   for method in [m for m in iterates if m in methods]:
     W = iterates[method]()
-    per_prompt = np.asarray(error_of(W @ test.X_query))            # [steps + 1, prompts]
-    out[method] = {str(T): _summary(per_prompt[T], threshold) for T in loops}
+    per_prompt, expected = scored(W, error_of(W @ test.X_query))
+    out[method] = {str(T): _summary(per_prompt[T], expected[T], threshold) for T in loops}
   if "whitened_gd" in methods:
     k = min(WHITENED_FIT_PROMPTS, int(scan.X.shape[0]))
     pq, eta, fit_mse = algorithms.fit_whitened_gd(scan.X[:k], scan.Y[:k], scan.X_query[:k],
                                                   scan.targets[:k], steps=int(fit_loops))
-    per_prompt = np.asarray(error_of(algorithms.whitened_gd_predictions(
-        test.X, test.Y, test.X_query, steps=steps, p=pq, q=1.0, step_size=eta)))
+    predict = lambda b: algorithms.whitened_gd_predictions(b.X, b.Y, b.X_query, steps=steps, p=pq,
+                                                           q=1.0, step_size=eta)
+    per_prompt, expected = scored(expected_error.effective_weights(predict, test),
+                                  error_of(predict(test)))
     knobs = {"pq": float(pq), "step_size": float(eta), "fit_loops": int(fit_loops),
              "fit_scan_mse": float(fit_mse)}
-    out["whitened_gd"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
+    out["whitened_gd"] = {str(T): {**_summary(per_prompt[T], expected[T], threshold), **knobs}
+                          for T in loops}
   if "gdpp" in methods:
     gamma, eta, fit_mse = baselines.fit_gdpp(scan.X, scan.Y, scan.X_query, scan.targets,
                                               steps=int(fit_loops))
     W = construction.gdpp_iterates(test.X, test.Y, steps=steps, step_size=eta, gamma=gamma)
-    per_prompt = np.asarray(error_of(W @ test.X_query))
+    per_prompt, expected = scored(W, error_of(W @ test.X_query))
     knobs = {"gamma": float(gamma), "step_size": float(eta), "fit_loops": int(fit_loops),
              "fit_scan_mse": float(fit_mse)}
-    out["gdpp"] = {str(T): {**_summary(per_prompt[T], threshold), **knobs} for T in loops}
+    out["gdpp"] = {str(T): {**_summary(per_prompt[T], expected[T], threshold), **knobs}
+                   for T in loops}
   return out

@@ -2,10 +2,14 @@
 
 results.csv has one row per setting × T × seed × method (`CSV_COLUMNS`): the five step rules of
 each construction point (`step_rules.METHODS`), its reference ladder (`ladder.METHODS`) and the
-trained models, each with its distribution over the test prompts (mean, median, q90, q99,
-fraction below ε, non-finite count); weights.csv one row per trained model and seed, its
+trained models, each with its distribution over the test prompts: of the single-query error
+(`error`, the mean; `single_query_error_median`, `_q90`, `_q99`, `single_query_frac_below_eps`,
+`nonfinite`) and of each prompt's expected error over the query E_q (`expected_error`,
+`expected_error_median`, `_q90`, `_q99`, `frac_expected_below_eps`; `linear.expected_error`);
+weights.csv one row per trained model and seed, its
 weights against the construction (`WEIGHT_COLUMNS`); n_required.csv the smallest n/d at which
-a statistic reaches ε (`n_required_rows`).  `aggregate` groups results.csv rows over seeds and
+a statistic reaches ε (`n_required_rows`: the mean of the single-query error, the median and q90
+of E_q).  `aggregate` groups results.csv rows over seeds and
 feeds summary.md (`summary`) and the figures.
 """
 from __future__ import annotations
@@ -17,19 +21,22 @@ import os
 import numpy as np
 
 from loopicl.experiments.reproduce.grid import n_context, train_mode_of
-from loopicl.linear import construction
+from loopicl.linear import construction, expected_error
 
 CSV_COLUMNS = (
     "task_kind", "d", "n_context", "n_over_d", "condition_number", "noise_std", "loops", "seed",
-    "method", "error", "error_median", "error_q90", "error_q99", "frac_below_eps", "epsilon",
-    "nonfinite", "error_to_ls", "error_to_ls_median", "ls_error", "error_at_zero", "kappa_hat",
+    "method", "error", "single_query_error_median", "single_query_error_q90",
+    "single_query_error_q99", "single_query_frac_below_eps", "expected_error",
+    "expected_error_median", "expected_error_q90", "expected_error_q99", "frac_expected_below_eps",
+    "epsilon", "nonfinite", "error_to_ls", "single_query_error_to_ls_median", "ls_error",
+    "error_at_zero", "kappa_hat",
     "theory_rate", "step_size", "step_optimum", "step_validation", "bound_violations", "gd_error",
     "ratio_to_construction", "diverged", "diverged_at_step", "error_at_freeze", "weight_distance",
     "offblock_fraction", "precond_cos_identity", "precond_cos_sigma_inv", "train_mode",
     "trained_loops", "train_steps", "point_wall_s",
 )
-DISTRIBUTION = ("error", "error_median", "error_q90", "error_q99", "frac_below_eps", "nonfinite")
-RECORD_COLUMNS = {"to_ls_mean": "error_to_ls", "to_ls_median": "error_to_ls_median",
+DISTRIBUTION = expected_error.RECORD_KEYS  # a record's keys are these columns' names
+RECORD_COLUMNS = {"to_ls_mean": "error_to_ls", "to_ls_median": "single_query_error_to_ls_median",
                   "step_size": "step_size", "step_optimum": "step_optimum",
                   "step_validation": "step_validation", "bound_violations": "bound_violations"}
 
@@ -94,6 +101,7 @@ def rows_from_points(config, data: dict) -> list[dict]:
         row.update(
             # A diverged seed keeps its last good state; its error is shown apart, never as `error`.
             error=float("nan") if diverged else err,
+            expected_error=float("nan") if diverged else row["expected_error"],
             ratio_to_construction=float("nan") if diverged else _ratio(err, row["gd_error"]),
             diverged=int(diverged), diverged_at_step=s["diverged_at_step"],
             error_at_freeze=err if diverged else "", train_mode=train_mode_of(config, p["kappa"]),
@@ -146,9 +154,13 @@ def write_csv(path: str, columns, rows, float_format=lambda v: f"{v:.6g}") -> No
   os.replace(tmp, path)
 
 
-AGGREGATED = {"mean": "error", "median": "error_median", "q90": "error_q90", "q99": "error_q99",
-              "frac_below_eps": "frac_below_eps", "to_ls": "error_to_ls",
-              "to_ls_median": "error_to_ls_median", "ls_error": "ls_error",
+AGGREGATED = {"mean": "error", "expected_mean": "expected_error",
+              "expected_median": "expected_error_median", "expected_q90": "expected_error_q90",
+              "expected_q99": "expected_error_q99", "frac_expected_below_eps": "frac_expected_below_eps",
+              "single_query_median": "single_query_error_median",
+              "single_query_q90": "single_query_error_q90", "single_query_q99": "single_query_error_q99",
+              "single_query_frac_below_eps": "single_query_frac_below_eps", "to_ls": "error_to_ls",
+              "to_ls_median": "single_query_error_to_ls_median", "ls_error": "ls_error",
               "step_validation": "step_validation", "kappa_hat": "kappa_hat", "rate": "theory_rate",
               "ratio": "ratio_to_construction", "error_at_zero": "error_at_zero",
               "weight_distance": "weight_distance", "offblock_fraction": "offblock_fraction",
@@ -168,11 +180,12 @@ def _finite_mean(values: list[float]) -> float:
 
 
 def aggregate(rows: list[dict], noise: float = 0.0) -> dict:
-  """(kind, d, n, κ, method, T) -> {mean, median, q90, …, lo, hi, n, diverged, seeds, …} over the
+  """(kind, d, n, κ, method, T) -> {mean, expected_median, …, lo, hi, n, diverged, seeds, …} over the
   seeds, for the rows with noise_std = `noise`.
 
   Each statistic (AGGREGATED: key -> results.csv column) is the mean over the seeds with a finite
-  value of that seed's statistic over its prompts (so `median` is the seeds' mean median); lo/hi
+  value of that seed's statistic over its prompts (so `expected_median` is the seeds' mean median
+  of E_q, `single_query_median` that of the single-query error); lo/hi
   are the min and max of `error` over the seeds that did not diverge, `diverged` counts the
   others, `nonfinite` sums the non-finite prompts, `bound_violations` sums the bound's.
   """
@@ -200,13 +213,15 @@ def aggregate(rows: list[dict], noise: float = 0.0) -> dict:
 
 N_REQUIRED_COLUMNS = ("task_kind", "d", "condition_number", "noise_std", "loops", "method",
                       "statistic", "epsilon", "n_over_d_required")
-N_REQUIRED_STATISTICS = ("mean", "median", "q90")
+# The mean of the single-query error (an unbiased estimate of the mean E_q, as before), and the
+# median and q90 over prompts of E_q, each prompt's expected error (`aggregate`'s keys).
+N_REQUIRED_STATISTICS = ("mean", "expected_median", "expected_q90")
 
 
 def n_required_rows(config, rows: list[dict]) -> list[dict]:
   """n_required.csv: per (kind, d, κ_Σ, σ, T, method, statistic), the smallest n/d of the grid
   from which on (at it and at every larger n/d of the grid) the statistic over seeds is
-  ≤ ε·(error at W = 0); inf where no n/d reaches it."""
+  ≤ ε·(error at W = 0); inf where no n/d reaches it.  statistic: `N_REQUIRED_STATISTICS`."""
   g, out = config.grid, []
   noises = sorted({_number(r["noise_std"]) for r in rows})
   for noise in noises:

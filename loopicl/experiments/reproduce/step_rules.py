@@ -20,10 +20,14 @@ test prompts (`linear.spectral`: T steps in closed form, any T up to 200 at the 
     squares exceeds `spectral.oracle_bound` (expected: none);
   * `pgd`: A = c·Σ⁻¹, c tuned like `construction` (plain GD on the whitened prompts).
 
-Each method's record per T is `stats.prompt_distribution` of its per-prompt error (mean over the
-finite prompts, median, q90, q99, fraction ≤ ε·(error at W = 0), non-finite count) plus the same
-for its distance to least squares (`to_ls_mean`, `to_ls_median`) — with label noise, the
-optimisation error the claim is about, apart from least squares' own error (`ls_error`).
+Each method's record per T is `expected_error.statistics` of its per-prompt errors: the single-query
+error's distribution over the prompts (`error`: mean over the finite prompts; median, q90, q99,
+fraction ≤ ε·(error at W = 0), non-finite count, named `single_query_*`) and that of each
+prompt's expected error over the query E_q (`expected_error*`, `frac_expected_below_eps`;
+`linear.expected_error`: in closed form per T, like the error; for vector generation the error
+has no random query and E_q is the error itself), plus its distance to least squares
+(`to_ls_mean`, `to_ls_median`, single-query) — with label noise, the optimisation error the
+claim is about, apart from least squares' own error (`ls_error`).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import algorithms, spectral, tasks
+from loopicl.linear import algorithms, expected_error, spectral, tasks
 
 METHODS = ("construction", "construction_safe", "construction_mp", "construction_oracle", "pgd")
 TUNED = ("construction", "pgd")
@@ -50,7 +54,8 @@ BOUND_RTOL = 1e-9  # float64 slack in the bound check (the bound is an inequalit
 
 def spec() -> dict:
   """What a point's step-rule numbers depend on beyond the grid fields (its fingerprint)."""
-  return {"methods": list(METHODS), "shoulder_default": spectral.SHOULDER, "search": "zoom 1e-3"}
+  return {"methods": list(METHODS), "shoulder_default": spectral.SHOULDER, "search": "zoom 1e-3",
+          "statistics": "single-query and expected error (E_q)"}
 
 
 def error_kind(kind: str) -> str:
@@ -121,9 +126,10 @@ def tune(task, scan: dict, validation: dict, loops, shoulder: float) -> dict:
   return out
 
 
-def _records(err, to_ls, loops, threshold, extra: dict) -> dict:
-  """{str(T): record} from per-prompt errors and distances to least squares [L, batch]."""
-  dist = stats.prompt_distribution(np.asarray(err), threshold)
+def _records(err, expected, to_ls, loops, threshold, extra: dict) -> dict:
+  """{str(T): record} from per-prompt single-query errors, expected errors E_q and distances to
+  least squares [L, batch]."""
+  dist = expected_error.statistics(err, expected, threshold)
   ls = stats.prompt_distribution(np.asarray(to_ls), threshold)
   out = {}
   for j, T in enumerate(loops):
@@ -144,29 +150,37 @@ def seed_records(task, test, tuned: dict | None, loops, epsilon: float) -> dict:
   S = whitening(task)
   sp_pgd = sp if S is None else spectral.decompose(test.X, test.Y, test.X_query, tgt, kind=kind,
                                                    whitening=S)
+  # E_q in closed form: GD's read-out at the columns of Σ^{1/2} (`expected_error`); for vector
+  # generation the weight error has no random query and E_q is the error itself (None below).
+  sigma = expected_error.query_covariance(task)
+  sq = expected_error.query_decomposition(test, sigma) if kind == "mse" else None
+  sq_pgd = (sq if S is None or sq is None
+            else expected_error.query_decomposition(test, sigma, whitening=S))
   zero = np.asarray(spectral.errors(sp, 0.0, [1], kind=kind)[0])      # η = 0: W stays 0
   e0 = float(np.mean(zero))
   threshold = epsilon * e0
   Ts = np.asarray(loops)
   out = {}
 
-  def run(method, s, step, extra):
+  def run(method, s, q, step, extra):
     err = spectral.errors(s, step, Ts, kind=kind, max_loops=max(loops))
     gap = spectral.distance_to_least_squares(s, step, Ts, kind=kind)
-    out[method] = _records(err, gap, loops, threshold, extra)
+    expected = err if q is None else expected_error.spectral_expected_errors(q, step, Ts,
+                                                                             max_loops=max(loops))
+    out[method] = _records(err, expected, gap, loops, threshold, extra)
     return gap
 
-  for method, s in (("construction", sp), ("pgd", sp_pgd)) if tuned else ():
+  for method, s, q in (("construction", sp, sq), ("pgd", sp_pgd, sq_pgd)) if tuned else ():
     t = tuned[method]
-    run(method, s, jnp.asarray(t["step"])[:, None], {"step_size": t["step"],
-                                                     "step_optimum": t["optimum"],
-                                                     "step_validation": t["validation"]})
+    run(method, s, q, jnp.asarray(t["step"])[:, None], {"step_size": t["step"],
+                                                        "step_optimum": t["optimum"],
+                                                        "step_validation": t["validation"]})
   eta = safe_step(task)
-  run("construction_safe", sp, eta, {"step_size": eta})
+  run("construction_safe", sp, sq, eta, {"step_size": eta})
   lo, hi = algorithms.marchenko_pastur_edges(task)
-  run("construction_mp", sp, 2.0 / (lo + hi), {"step_size": 2.0 / (lo + hi)})
+  run("construction_mp", sp, sq, 2.0 / (lo + hi), {"step_size": 2.0 / (lo + hi)})
   oracle = spectral.oracle_step(sp)
-  gap = run("construction_oracle", sp, oracle, {"step_size": float(np.median(np.asarray(oracle)))})
+  gap = run("construction_oracle", sp, sq, oracle, {"step_size": float(np.median(np.asarray(oracle)))})
   bound = np.asarray(spectral.oracle_bound(sp, Ts, kind=kind))
   violations = np.sum(np.asarray(gap) > bound * (1 + BOUND_RTOL) + 1e-300, axis=-1)
   for j, T in enumerate(loops):

@@ -1,7 +1,8 @@
 """summary.md of the reproduction grid: the claim per step rule, n required, the bound, the rest.
 
 Sections, each from results.csv rows through `outputs.aggregate` (statistics averaged over seeds):
-  1. the step rules at a few T: mean and median error of each rule and of the trained model;
+  1. the step rules at a few T: mean error and median E_q (each prompt's expected error over the
+     query) of each rule and of the trained model, with the single-query median beside them;
   2. n required: the smallest n/d at which a statistic reaches ε (n_required.csv) against T;
   3. the oracle step's per-prompt bound (violations, expected none) and the tuned steps'
      validation on a separate prompt set;
@@ -35,10 +36,12 @@ def _rule_methods(rows) -> list[str]:
 
 
 def step_rule_table(config, rows, noise: float = 0.0, agg=None) -> list[str]:
-  """Mean / median error of every step rule (and trained) at SHOWN_LOOPS, every κ_Σ = 1 setting."""
+  """Mean error / median E_q / single-query median of every step rule (and trained) at
+  SHOWN_LOOPS, every κ_Σ = 1 setting."""
   agg, methods = agg if agg is not None else aggregate(rows, noise), _rule_methods(rows)
   loops = [T for T in SHOWN_LOOPS if T in config.grid.loops]
-  lines = ["| task | d | n/d | κ̂ (median) | T | " + " | ".join(f"{m} mean / median" for m in methods) + " |",
+  lines = ["| task | d | n/d | κ̂ (median) | T | " + " | ".join(f"{m} mean / E_q median / 1-query median"
+                                                              for m in methods) + " |",
            "|---|---|---|---|---|" + "---|" * len(methods)]
   for kind, d, n, kap, method, T in sorted(agg):
     if method != "construction" or kap != 1.0 or T not in loops:
@@ -46,7 +49,8 @@ def step_rule_table(config, rows, noise: float = 0.0, agg=None) -> list[str]:
     cells = []
     for m in methods:
       a = agg.get((kind, d, n, kap, m, T))
-      cells.append("—" if a is None else f"{_fmt(a['mean'])} / {_fmt(a['median'])}")
+      cells.append("—" if a is None else
+                   f"{_fmt(a['mean'])} / {_fmt(a['expected_median'])} / {_fmt(a['single_query_median'])}")
     lines.append(f"| {kind} | {d} | {n / d:g} | {_fmt(agg[(kind, d, n, kap, method, T)]['kappa_hat'])} "
                  f"| {T} | " + " | ".join(cells) + " |")
   return lines
@@ -105,10 +109,10 @@ def noise_table(config, rows) -> list[str]:
 
 
 def headline_table(rows: list[dict], loops=HEADLINE_LOOPS, agg=None) -> list[str]:
-  """Trained vs the tuned construction at a few T (mean and median), the ladder beside them."""
+  """Trained vs the tuned construction at a few T (mean and median E_q), the ladder beside them."""
   agg = agg if agg is not None else aggregate(rows)
   rungs = [m for m in ladder.METHODS if any(r["method"] == m for r in rows)]
-  lines = ["| task | d | n/d | κ_Σ | T | construction mean / median | pgd mean | trained mean / median | "
+  lines = ["| task | d | n/d | κ_Σ | T | construction mean / E_q median | pgd mean | trained mean / E_q median | "
            + "".join(f"{ladder.SHORT[m]} | " for m in rungs) + "trained / construction (means) | diverged |",
            "|---|---|---|---|---|---|---|---|" + "---|" * len(rungs) + "---|---|"]
   for kind, d, n, kap, method, T in sorted(agg):
@@ -117,8 +121,8 @@ def headline_table(rows: list[dict], loops=HEADLINE_LOOPS, agg=None) -> list[str
       continue
     c, p = agg[(kind, d, n, kap, method, T)], agg.get((kind, d, n, kap, "pgd", T), {})
     rung = "".join(f"{_fmt(agg.get((kind, d, n, kap, m, T), {}).get('mean'))} | " for m in rungs)
-    lines.append(f"| {kind} | {d} | {n / d:g} | {kap:g} | {T} | {_fmt(c['mean'])} / {_fmt(c['median'])} | "
-                 f"{_fmt(p.get('mean'))} | {_fmt(t['mean'])} / {_fmt(t['median'])} | {rung}"
+    lines.append(f"| {kind} | {d} | {n / d:g} | {kap:g} | {T} | {_fmt(c['mean'])} / {_fmt(c['expected_median'])} | "
+                 f"{_fmt(p.get('mean'))} | {_fmt(t['mean'])} / {_fmt(t['expected_median'])} | {rung}"
                  f"{_fmt(t['mean'] / c['mean'] if c['mean'] else float('nan'))} | {t['diverged']}/{t['seeds']} |")
   return lines
 
@@ -128,7 +132,7 @@ def condition_table(config, rows, agg=None) -> list[str]:
   agg = agg if agg is not None else aggregate(rows)
   g, T = config.grid, int(config.grid.fixed_loops)
   methods = _rule_methods(rows)
-  lines = ["| task | d | κ_Σ | " + " | ".join(f"{m} mean / median" for m in methods) + " |",
+  lines = ["| task | d | κ_Σ | " + " | ".join(f"{m} mean / E_q median" for m in methods) + " |",
            "|---|---|---|" + "---|" * len(methods)]
   for kind in g.kinds:
     for d in g.trained_ds:
@@ -139,14 +143,16 @@ def condition_table(config, rows, agg=None) -> list[str]:
         e0 = agg[(kind, int(d), n, kap, "construction", T)]["error_at_zero"]
         cells = [agg.get((kind, int(d), n, kap, m, T)) for m in methods]
         lines.append(f"| {kind} | {d} | {kap:g} | " + " | ".join(
-            "—" if a is None else f"{_fmt(a['mean'] / e0)} / {_fmt(a['median'] / e0)}" for a in cells) + " |")
+            "—" if a is None else f"{_fmt(a['mean'] / e0)} / {_fmt(a['expected_median'] / e0)}"
+            for a in cells) + " |")
   return lines
 
 
 def contraction_table(config, rows, agg=None) -> list[str]:
-  """The construction's fitted per-loop factor (median error, T ≤ 20) against ρ(κ̂)."""
+  """The construction's fitted per-loop factor (median E_q, T ≤ 20) against ρ(κ̂)."""
   agg, g = agg if agg is not None else aggregate(rows), config.grid
-  lines = ["| task | d | n/d | κ̂ (median) | theory ρ | fitted factor (median, T ≤ 20) |", "|---|---|---|---|---|---|"]
+  lines = ["| task | d | n/d | κ̂ (median) | theory ρ | fitted factor (median E_q, T ≤ 20) |",
+           "|---|---|---|---|---|---|"]
   for kind in g.kinds:
     for d in g.ds:
       for r in g.n_over_d:
@@ -154,7 +160,8 @@ def contraction_table(config, rows, agg=None) -> list[str]:
         Ts = sorted(k[5] for k in agg if k[:5] == (kind, int(d), n, 1.0, "construction") and k[5] <= 20)
         if len(Ts) < 2:
           continue
-        slope = stats.log_linear_slope(Ts, [agg[(kind, int(d), n, 1.0, "construction", T)]["median"] for T in Ts])
+        slope = stats.log_linear_slope(
+            Ts, [agg[(kind, int(d), n, 1.0, "construction", T)]["expected_median"] for T in Ts])
         factor = None if slope is None else math.exp(slope / (1 if kind == "vector_generation" else 2))
         c = agg[(kind, int(d), n, 1.0, "construction", Ts[0])]
         lines.append(f"| {kind} | {d} | {r:g} | {_fmt(c['kappa_hat'])} | {_fmt(c['rate'])} | {_fmt(factor)} |")
@@ -168,13 +175,19 @@ def summary_markdown(config, rows: list[dict]) -> str:
   lines = [
       "# Reproduction grid: summary", "",
       "Error: query MSE (linear_regression) or ||Ŵ−W*||_F/||W*||_F (vector_generation) on each "
-      "seed's held-out prompts; mean = over the finite prompts, median/q90 = over all prompts "
-      "(a non-finite one counts as +inf); every statistic is averaged over the seeds. "
+      "seed's held-out prompts. mean = the mean over the finite prompts of the single-query error "
+      "(one random query per prompt: an unbiased estimate of the mean E_q); E_q = each prompt's "
+      "expected error over the query (closed form in the method's effective weights; for "
+      "vector_generation the error itself, which has no random query); E_q median / q90 = over "
+      "all prompts (a non-finite one counts as +inf); 1-query median = the median of the "
+      "single-query error (results.csv `single_query_error_median`: it mixes the query's spread "
+      "into the prompts'). Every statistic is averaged over the seeds; n/d required: the mean, "
+      "and the median and q90 of E_q. "
       f"ε = {g.epsilon:g} × the error at T = 0. Step rules: " + "; ".join(
           f"`{m}` {step_rules.LABELS[m]}" for m in step_rules.METHODS)
       + f". Tuned steps: {g.scan_prompts} scan prompts, shoulder {g.step_shoulder:g}, validated "
       f"on {g.validation_prompts} others. Trained: `{mode}` mode at T = {max(g.trained_loops)}.", "",
-      "## Step rules: mean / median error", ""]
+      "## Step rules: mean error / median E_q / single-query median", ""]
   lines += step_rule_table(config, rows, agg=agg)
   lines += ["", f"## n/d required for the statistic to reach ε = {g.epsilon:g}·(error at T = 0)", "",
             "The smallest n/d of the grid from which on (there and at every larger n/d) the statistic "
