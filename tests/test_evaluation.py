@@ -172,6 +172,42 @@ def test_baselines_against_numpy():
   np.testing.assert_allclose(r["bound"], [e0 * rho ** (2 * t) for t in range(1, L + 1)], rtol=1e-10)
 
 
+def test_expected_errors_against_numpy(gd_report):
+  """report.json's expected error over the query E_q (mean, median, q90, q99 per loop) for the
+  model, GD, PGD, least squares and the ladder: numpy float64 tr((W − W*) Σ (W − W*)ᵀ) of the
+  iterates on the evaluation prompts.  The model is GD's construction: its E_q (from its
+  sensitivity, read at the unit queries) is GD's.  report.md says which median it shows."""
+  task, (eta, _, _, r) = _task(), gd_report
+  with jax.enable_x64(True):
+    ev = _prompts(task, 3, 0)
+  X, Y, Ws = (np.asarray(v, np.float64) for v in (ev.X, ev.Y, ev.W_star))
+  sigma = tasks.covariance(task)
+  e_q = lambda W: np.einsum("...oi,ij,...oj->...", W - Ws, sigma, W - Ws) / D_OUT
+
+  def check(name, E):  # E: [L, prompts]
+    np.testing.assert_allclose(r[f"{name}_expected_error"], E.mean(-1), rtol=1e-9, err_msg=name)
+    np.testing.assert_allclose(r[f"{name}_expected_error_median"], np.median(E, -1), rtol=1e-9)
+    for q in (90, 99):
+      np.testing.assert_allclose(r[f"{name}_expected_error_q{q}"],
+                                 np.quantile(E, q / 100, -1, method="inverted_cdf"), rtol=1e-9)
+  check("gd", e_q(ref.preconditioned_gd(X, Y, eta * np.eye(D_IN), L)[1:]))
+  check("pgd", e_q(ref.preconditioned_gd(X, Y, r["pgd_scale"] * np.linalg.inv(sigma), L)[1:]))
+  W_ls = np.stack([np.linalg.lstsq(x.T, y.T, rcond=None)[0].T for x, y in zip(X, Y)])
+  check("least_squares", np.broadcast_to(e_q(W_ls), (L, PROMPTS)))
+  b, s = Y @ np.swapaxes(X, 1, 2) / N, X @ np.swapaxes(X, 1, 2) / N
+  step = np.sum(b * b, axis=-1) / np.einsum("bod,bde,boe->bo", b, s, b)   # CG's first step
+  assert r["cg_expected_error"][0] == pytest.approx(np.mean(e_q(step[..., None] * b)), rel=1e-9)
+  np.testing.assert_allclose(r["model_expected_error"], r["gd_expected_error"], rtol=1e-9)
+  np.testing.assert_allclose(r["model_expected_error_median"], r["gd_expected_error_median"], rtol=1e-9)
+  for key in report_lib.EXPECTED_KEYS:
+    assert len(r[key]) == L and all(v is not None and v > 0 for v in r[key]), key
+  # One query per prompt: its mean estimates the mean E_q; its median is below E_q's median.
+  assert 0.7 < r["gd_error"][T - 1] / r["gd_expected_error"][T - 1] < 1.3
+  assert r["gd_error_median"][T - 1] < r["gd_expected_error_median"][T - 1]
+  md = report_lib.report_markdown(r)
+  assert "model median E_q" in md and "model median, 1 query" in md and "GD median E_q" in md
+
+
 def test_nonsymmetric_preconditioner_findings():
   """A = η·I + skew part: the report finds the asymmetry, the complex pairs, and the error vs numpy."""
   task = _task()
@@ -341,6 +377,10 @@ def test_vector_generation_weight_error():
                              rtol=1e-10)
   np.testing.assert_allclose(r["pgd_error"], r["gd_error"], rtol=1e-12)  # Σ = I: the same baseline
   assert "model ||Ŵ−W*||/||W*||" in report_lib.report_markdown(r)
+  # The unit queries leave nothing random: E_q (Σ_q = I/d) is the query MSE itself.
+  for name in ("model", "gd", "pgd", "cg"):
+    np.testing.assert_allclose(r[f"{name}_expected_error"], r[f"{name}_error"], rtol=1e-10)
+    np.testing.assert_allclose(r[f"{name}_expected_error_median"], r[f"{name}_error_median"], rtol=1e-10)
 
 
 def test_tensorboard_logging(gd_report, tmp_path):

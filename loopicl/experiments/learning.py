@@ -11,8 +11,11 @@ for the population, validated on the test prompts like the trained model (`"gd"`
 target).  Also stored: the step best *on the test prompts themselves* (`"gd_hindsight"`,
 `"pgd_hindsight"`), an oracle no rule chosen elsewhere can beat — at T = 20 it sits at the edge of
 stability of those 2048 prompts, and its mean there can be far below its own mean on other
-prompts (docs/learning.md).  Statistics are per seed, mean and median over the prompts
-(`spectral`, closed form).
+prompts (docs/learning.md).  Statistics are per seed, over the prompts (`spectral`, closed form):
+the mean and median of the single-query error (`error`, `error_median`) and the mean, median and
+q90 of each prompt's expected error over the query E_q (`expected_error*`, `linear.expected_error`:
+the model's from its read-out at the d unit queries, GD's and PGD's in closed form; for vector
+generation E_q is the error itself).
 
 A setting's numbers live in <workdir>/points/<id>.json with a fingerprint of everything they
 depend on; rerunning the same command skips finished settings.  `write_outputs` rebuilds
@@ -30,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from loopicl import config as config_lib, distributed, stats, study, sweep
+from loopicl import config as config_lib, distributed, study, sweep
 from loopicl.errors import ConfigError
 from loopicl.experiments.reproduce import compute, step_rules
-from loopicl.linear import spectral, tasks, weights
+from loopicl.linear import expected_error, spectral, tasks, weights
 from loopicl.linear.model import loop_readouts
 
 SETTING_FIELDS = ("d", "n_over_d", "condition_number", "rotate", "loops")
@@ -91,7 +94,8 @@ def fingerprint(config, p: dict) -> str:
   g = config.grid
   parts = {"setting": p, "experiment": experiment_config(config, p).to_dict(),
            "grid": [list(g.seeds), g.eval_prompts, g.eval_seed, g.extrapolation, g.tune_prompts],
-           "baseline": "argmin of the mean on tune_prompts other prompts + hindsight, zoom 2e-3"}
+           "baseline": "argmin of the mean on tune_prompts other prompts + hindsight, zoom 2e-3",
+           "statistics": "single-query and expected error (E_q), v1"}
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -99,18 +103,33 @@ def _baselines(task, test, loops: int, read: np.ndarray, tuned: dict) -> dict:
   """GD (η) and PGD (c·Σ⁻¹) on the test prompts at every read loop, with the step `tuned[name]`
   (chosen on other prompts: the target) and with the step minimising the mean at T on the test
   prompts themselves (hindsight): {"gd"|"pgd"|"gd_hindsight"|"pgd_hindsight": {"step",
-  "error" [L], "error_median" [L]}} (closed form, float64)."""
+  "error" [L], "error_median" [L], "expected_error" [L], "expected_error_median" [L],
+  "expected_error_q90" [L]}} (closed form, float64)."""
   kind = step_rules.error_kind(task.kind)
   out = {}
   for name in ("gd", "pgd"):
     sp = baseline_spectrum(task, test, name)
+    sq = None if kind == "relative" else expected_error.query_decomposition(
+        test, expected_error.query_covariance(task),
+        whitening=None if name == "gd" else step_rules.whitening(task))
     hindsight, _, _ = spectral.tune_constant_step(sp, [loops], kind=kind, shoulder=None)
     for key, step in ((name, tuned[name]), (name + "_hindsight", float(hindsight[0]))):
       err = np.asarray(spectral.errors(sp, step, read, kind=kind, max_loops=int(read[-1])))
-      dist = stats.prompt_distribution(err, 0.0)
-      out[key] = {"step": step, "error": dist["error"].tolist(),
-                  "error_median": dist["error_median"].tolist()}
+      expected = err if sq is None else np.asarray(
+          expected_error.spectral_expected_errors(sq, step, read, max_loops=int(read[-1])))
+      out[key] = {"step": step, **_distribution(err, expected)}
   return out
+
+
+def _distribution(err, expected) -> dict:
+  """The per-loop statistics a point stores, from single-query errors and E_q [L, prompts]:
+  error, error_median (single query), nonfinite (its count), expected_error,
+  expected_error_median, expected_error_q90: lists over the loops."""
+  dist = expected_error.statistics(err, expected, 0.0)
+  return {"error": dist["error"].tolist(), "error_median": dist["single_query_error_median"].tolist(),
+          "nonfinite": dist["nonfinite"].tolist(),
+          **{k: dist[k].tolist() for k in ("expected_error", "expected_error_median",
+                                           "expected_error_q90")}}
 
 
 def run_setting(config, p: dict, log: Callable[[str], None]) -> dict:
@@ -131,12 +150,14 @@ def run_setting(config, p: dict, log: Callable[[str], None]) -> dict:
       readouts = loop_readouts(P, Q, test.Z0, loops=int(read[-1]), d_out=int(task.d_out),
                                n_queries=tasks.num_queries(task))
       err = np.asarray(compute.per_prompt_error(readouts, test, task.kind))   # [L, prompts]
-      dist = stats.prompt_distribution(err, 0.0)
+      W_eff = expected_error.effective_weights(                              # [L, prompts, d_out, d]
+          lambda b: loop_readouts(P, Q, b.Z0, loops=int(read[-1]), d_out=int(task.d_out),
+                                  n_queries=b.X_query.shape[-1]), test)
+      expected = np.asarray(compute.per_prompt_expected_error(W_eff, test, task))
       zero = compute.per_prompt_error(jnp.zeros_like(test.targets), test, task.kind)
       A = weights.implied_preconditioner(P, Q, int(task.d_out))
       out["seeds"][str(seed)] = {
-          "error": dist["error"].tolist(), "error_median": dist["error_median"].tolist(),
-          "nonfinite": dist["nonfinite"].tolist(), "error_at_zero": float(np.mean(np.asarray(zero))),
+          **_distribution(err, expected), "error_at_zero": float(np.mean(np.asarray(zero))),
           "diverged_at_step": int(result.diverged_at[k]),
           "skipped_steps": int(result.skipped[k]),
           "final_train_loss": float(result.final_loss[k]),

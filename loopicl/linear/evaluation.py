@@ -34,6 +34,15 @@ prompt, `sensitivity_cosine` is the cosine of the flattened S_t and W_t, `sensit
 Frobenius distance, `prediction_l2` the Euclidean distance of the [d_out, m] predictions divided
 by √m (RMS over queries); each is averaged over prompts.
 
+Expected error over the query (docs/reproduction.md; `expected_error`): `<name>_error` is the
+mean over prompts of one random query's error per prompt and `<name>_error_median` that single-query
+error's median, which mixes the query's spread into the prompts'.  For the model (its effective
+weights are S_t), GD, PGD, every rung of the ladder, least squares and ridge, the report also has
+each prompt's expected error over the query E_q = tr((W − W*) Σ_q (W − W*)ᵀ)/d_out against the
+noise-free targets (Σ_q = Σ; I/d for vector generation, whose unit queries leave nothing random: E_q
+is its query MSE itself), summarised per loop as `<name>_expected_error` (mean over the finite
+prompts), `_median`, `_q90`, `_q99` (NaN counted as +inf; `report.EXPECTED_NAMES`).
+
 Non-finite prompts: a half-trained model can give 1e16 or inf on a few prompts.  Every per-loop
 statistic is the mean over the prompts where it is finite (`stats.summarize`), and the report adds
 `<name>_nonfinite` (how many of the `num_prompts` were NaN/inf at that loop) and, for errors,
@@ -63,7 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import baselines, construction, ladder, model as model_lib, tasks, weights
+from loopicl.linear import baselines, construction, expected_error, ladder, model as model_lib
+from loopicl.linear import tasks, weights
 from loopicl.linear import report as report_lib
 
 # Per-chunk element budget for the loop states [chunk, D, n + m + d] (float64) and read-outs.
@@ -120,8 +130,9 @@ def query_sensitivities_autodiff(P: jax.Array, Q: jax.Array, Z0: jax.Array, *, l
 
 @functools.partial(jax.jit, static_argnames=("loops", "d_out", "n_queries", "weight_readout",
                                              "trained_loops"))
-def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, knobs=None, *,
-                       loops: int, d_out: int, n_queries: int, weight_readout: bool = False,
+def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, knobs=None,
+                       query_cov=None, *, loops: int, d_out: int, n_queries: int,
+                       weight_readout: bool = False,
                        trained_loops: int | None = None) -> dict[str, jax.Array]:
   """Every per-loop, per-prompt number of the report: a dict of [loops, batch] arrays.
 
@@ -130,7 +141,9 @@ def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, kn
   model_error, gd_weight_error, pgd_weight_error (relative ||W − W*||_F) and, with weight_readout
   (vector_generation: the read-out is Ŵ_t), model_weight_error; for GD, PGD and every rung of the
   ladder the query error and the model's distance to it
-  (`ladder.against_model`: GD's as sensitivity_cosine, sensitivity_l2, prediction_l2).
+  (`ladder.against_model`: GD's as sensitivity_cosine, sensitivity_l2, prediction_l2); with
+  query_cov (Σ_q [d, d], `expected_error.query_covariance`) also model_expected_error (from the
+  sensitivity S_t, the model's effective weights) and every candidate's `<name>_expected_error`.
   Non-finite values are left in (NaN/inf): summaries handle them.
   """
   preds, sens = query_sensitivities(P, Q, batch.Z0, loops=loops, d_out=d_out, n_queries=n_queries)
@@ -144,11 +157,13 @@ def per_prompt_metrics(P, Q, batch: tasks.Batch, gd_step, pgd_preconditioner, kn
   }
   if weight_readout:  # vector generation: X_query = I, so the read-out block is Ŵ_t itself.
     out["model_weight_error"] = tasks.relative_weight_error(preds, batch.W_star)
+  if query_cov is not None:  # S_t is the model's effective weight matrix (module docstring)
+    out["model_expected_error"] = expected_error.expected_error(sens, batch.W_star, query_cov)
   algos = {"gd": W_gd, "pgd": W_pgd}
   if knobs is not None:
     algos.update(ladder.iterates(batch, knobs, loops=loops, trained_loops=trained_loops))
   for name, W in algos.items():
-    out.update(ladder.against_model(name, W, preds, sens, batch))
+    out.update(ladder.against_model(name, W, preds, sens, batch, query_cov))
   return out
 
 
@@ -168,6 +183,19 @@ def _geometric_rate(errors: list, upto: int) -> float | None:
   e = [np.nan if x is None else x for x in errors[:upto]]
   slope = stats.log_linear_slope(np.arange(1, upto + 1), e)
   return None if slope is None else stats.py_float(np.exp(slope))
+
+
+def _expected_summary(name: str, values) -> dict[str, list]:
+  """`<name>_expected_error` (mean over the finite prompts), `_median` (as every report median),
+  `_q90`, `_q99` (empirical: a value some prompt has, as results.csv's) per loop, NaN counted as
+  +inf, from E_q [loops, batch]; non-finite values are None."""
+  s = stats.summarize(values)
+  v = np.asarray(values, np.float64)
+  q90, q99 = np.quantile(np.where(np.isnan(v), np.inf, v), (0.9, 0.99), axis=-1, method="inverted_cdf")
+  base = f"{name}_expected_error"
+  return {base: s["mean"], base + "_median": s["median"],
+          base + "_q90": [stats.py_float(x) for x in q90],
+          base + "_q99": [stats.py_float(x) for x in q99]}
 
 
 def _task_dict(task_config) -> dict:
@@ -251,16 +279,17 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
 
   # Per-prompt metrics, in chunks small enough for the sensitivity tensor.
   columns = int(task_config.n_context) + m + d
-  per_prompt = (d + d_out) * columns + (1 + len(ladder.CANDIDATES)) * L * (d_out * (m + d) + 4)
+  per_prompt = (d + d_out) * columns + (1 + len(ladder.CANDIDATES)) * L * (d_out * (m + d) + 5)
   chunk = max(1, min(num_prompts, _CHUNK_ELEMENTS // per_prompt))
   chunk = -(-num_prompts // -(-num_prompts // chunk))  # equal chunks: one compiled shape
+  query_cov = jnp.asarray(expected_error.query_covariance(task_config))
   alphas = np.linspace(0.0, 1.0, n_alpha)
   parts, interp = [], []
   for s in range(0, num_prompts, chunk):
     b = jax.tree.map(lambda x: x[s:s + chunk], ev)
     parts.append(jax.device_get(per_prompt_metrics(
         P, Q, b, jnp.asarray(eta), jnp.asarray(A_pgd), {k: jnp.asarray(v) for k, v in knobs.items()},
-        loops=L, d_out=d_out, n_queries=m, trained_loops=T,
+        query_cov, loops=L, d_out=d_out, n_queries=m, trained_loops=T,
         weight_readout=task_config.kind == "vector_generation")))
     if s < n_interp:
       k = min(chunk, n_interp - s)
@@ -270,8 +299,12 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   per = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
   interp = np.concatenate(interp, axis=-1)                            # [n_alpha, n_interp]
 
-  ls_err = np.asarray(tasks.query_mse(construction.least_squares(ev.X, ev.Y) @ ev.X_query, ev.targets))
-  ridge_err = np.asarray(tasks.query_mse(construction.ridge(ev.X, ev.Y, lam) @ ev.X_query, ev.targets))
+  W_ls, W_ridge = construction.least_squares(ev.X, ev.Y), construction.ridge(ev.X, ev.Y, lam)
+  ls_err = np.asarray(tasks.query_mse(W_ls @ ev.X_query, ev.targets))
+  ridge_err = np.asarray(tasks.query_mse(W_ridge @ ev.X_query, ev.targets))
+  for name, W in (("least_squares", W_ls), ("ridge", W_ridge)):  # one W for every loop
+    per[f"{name}_expected_error"] = np.broadcast_to(
+        np.asarray(expected_error.expected_error(W, ev.W_star, query_cov)), (L, num_prompts))
   e0 = float(np.mean(np.square(np.asarray(ev.targets))))
   kappa = float(np.median(np.asarray(construction.kappa_hat(ev.X))))
   rho = float(construction.convergence_rate(kappa)) if np.isfinite(kappa) else 1.0
@@ -286,6 +319,8 @@ def _analyze64(P_np, Q_np, task_config, *, T, L, num_prompts, num_scan, seed, d,
   for key in error_keys:
     s = stats.summarize(per[key])
     r[key], r[key + "_median"], r[key + "_nonfinite"] = s["mean"], s["median"], s["nonfinite"]
+  for name in report_lib.EXPECTED_NAMES:
+    r.update(_expected_summary(name, per[f"{name}_expected_error"]))
   for key in ("sensitivity_cosine", "sensitivity_l2", "prediction_l2") + ladder.COMPARISON_KEYS:
     s = stats.summarize(per[key])
     r[key], r[key + "_nonfinite"] = s["mean"], s["nonfinite"]

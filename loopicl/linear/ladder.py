@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from loopicl import stats
-from loopicl.linear import algorithms, baselines, construction, model as model_lib, tasks
+from loopicl.linear import algorithms, baselines, construction, expected_error, model as model_lib, tasks
 from loopicl.linear.formatting import TIE, fmt, loop_table, verdict
 
 ALGORITHMS = ("cg", "chebyshev", "chebyshev_oracle", "newton", "whitened_gd", "gdpp", "gdpp_oracle")
@@ -58,11 +58,13 @@ _FITS: dict = {}  # memo of `tune`'s whitened and GD++ fits, keyed by the scan p
 
 
 def key(algorithm: str, metric: str) -> str:
-  """The report key of metric ('error', 'prediction_l2', 'sensitivity_cosine') for an algorithm.
+  """The report key of metric ('error', 'expected_error', 'prediction_l2', 'sensitivity_cosine')
+  for an algorithm.
 
   GD's comparisons predate the ladder and keep their unprefixed keys (`prediction_l2`, …).
   """
-  return metric if algorithm == "gd" and metric != "error" else f"{algorithm}_{metric}"
+  unprefixed = algorithm == "gd" and metric not in ("error", "expected_error")
+  return metric if unprefixed else f"{algorithm}_{metric}"
 
 
 ERROR_KEYS = tuple(key(a, "error") for a in ALGORITHMS)
@@ -120,9 +122,11 @@ def iterates(batch: tasks.Batch, knobs, *, loops: int,
   return {name: W[1:] for name, W in out.items()}  # t = 1..loops, aligned with the report's loops
 
 
-def against_model(name: str, W, preds, sens, batch: tasks.Batch) -> dict[str, jax.Array]:
-  """Per loop and prompt ([loops, batch] each): the algorithm's query error and the model's
-  distance to it, named by `key(name, …)`.
+def against_model(name: str, W, preds, sens, batch: tasks.Batch,
+                  query_cov=None) -> dict[str, jax.Array]:
+  """Per loop and prompt ([loops, batch] each): the algorithm's query error, its expected error
+  over the query E_q (with query_cov = Σ_q, `expected_error.query_covariance`; noise-free
+  targets, like the query error) and the model's distance to it, named by `key(name, …)`.
 
   W: the algorithm's weights [loops, batch, d_out, d]; preds [loops, batch, d_out, m] and sens
   [loops, batch, d_out, d]: the model's read-outs and sensitivity ∂ŷ/∂x_q (for a linear
@@ -133,7 +137,9 @@ def against_model(name: str, W, preds, sens, batch: tasks.Batch) -> dict[str, ja
   pred = W @ batch.X_query
   dot = jnp.sum(sens * W, axis=(-2, -1))
   norms = jnp.sqrt(jnp.sum(sens ** 2, axis=(-2, -1)) * jnp.sum(W ** 2, axis=(-2, -1)))
-  return {key(name, "error"): tasks.query_mse(pred, batch.targets),
+  expected = {} if query_cov is None else {
+      key(name, "expected_error"): expected_error.expected_error(W, batch.W_star, query_cov)}
+  return {**expected, key(name, "error"): tasks.query_mse(pred, batch.targets),
           key(name, "sensitivity_cosine"): dot / norms,
           key(name, "sensitivity_l2"): jnp.sqrt(jnp.sum((sens - W) ** 2, axis=(-2, -1))),
           key(name, "prediction_l2"): jnp.sqrt(jnp.sum((preds - pred) ** 2, axis=(-2, -1))

@@ -22,7 +22,9 @@ from loopicl.linear.ladder import key as algorithm_key
 # (report key, legend label, style) of the error-vs-loops lines.
 ERROR_LINES = (
     ("model_error", "learned model (mean)", dict(color="C0", lw=2.2, marker="o", ms=3)),
-    ("model_error_median", "learned model (median)", dict(color="C0", lw=1, ls=":")),
+    ("model_expected_error_median", "learned model (median E_q: each prompt's expected error)",
+     dict(color="C0", lw=1.2, ls="--")),
+    ("model_error_median", "learned model (median, 1 query per prompt)", dict(color="C0", lw=1, ls=":")),
     ("gd_error", "GD, best constant step η*", dict(color="C1", lw=1.6)),
     ("pgd_error", "preconditioned GD, c*·Σ⁻¹", dict(color="C2", lw=1.6, ls="--")),
     ("least_squares_error", "least squares", dict(color="C3", lw=1.2, ls="-.")),

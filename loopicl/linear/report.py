@@ -23,10 +23,18 @@ from loopicl.linear import ladder, weights
 from loopicl.linear.formatting import TIE, fmt, loop_table, verdict  # shared with ladder
 from loopicl.stats import py_float
 
+# Who has an expected error over the query in the report (`<name>_expected_error`, `_median`,
+# `_q90`, `_q99`, one value per loop): everything with weights (evaluation's docstring).
+EXPECTED_NAMES = ("model", "gd", "pgd", "least_squares", "ridge", *ladder.ALGORITHMS)
+EXPECTED_KEYS = tuple(f"{name}_expected_error{s}" for name in EXPECTED_NAMES
+                      for s in ("", "_median", "_q90", "_q99"))
+
 # Loop-indexed report lists (aligned with `loops`) that `write_report` tabulates.
 PER_LOOP_KEYS = ("model_error", "gd_error", "pgd_error", "least_squares_error", "ridge_error",
                  "bound", "sensitivity_cosine", "sensitivity_l2", "prediction_l2",
-                 *ladder.ERROR_KEYS, *ladder.COMPARISON_KEYS)
+                 *ladder.ERROR_KEYS, *ladder.COMPARISON_KEYS,
+                 *(f"{name}_expected_error{s}" for name in ("model", "gd", "pgd")
+                   for s in ("", "_median")))
 
 # Scalars worth a TensorBoard time series over training steps.
 TB_SCALARS = ("weight_distance", "offblock_fraction", "gd_step_equivalent", "gd_step_size",
@@ -130,9 +138,12 @@ def findings(r: dict[str, Any]) -> list[str]:
     worst = max(counts)
     out.append(f"non-finite predictions start at loop {first}; at worst {worst} of "
                f"{r['num_prompts']} prompts (loop {r['loops'][counts.index(worst)]})")
-  med = r["model_error_median"][i]
+  # The typical prompt: the median over prompts of each prompt's expected error over the query (a
+  # single query's median mixes the query's spread in: ~0.4× as large for one query at d = 10).
+  med = r.get("model_expected_error_median", r["model_error_median"])[i]
   if model is not None and med is not None and med > 0 and model / med > 10:
-    out.append(f"the mean model error at T={T} is {model / med:.3g}× its median: a few prompts dominate it")
+    out.append(f"the mean model error at T={T} is {model / med:.3g}× the median over prompts of "
+               "its expected error over the query: a few prompts dominate it")
   if r["model_rate"] is not None and r["gd_rate"] is not None:
     out.append(f"per-loop error factor up to T (fit error ≈ C·r^t): model r = {r['model_rate']:.3g}, "
                f"GD r = {r['gd_rate']:.3g}")
@@ -182,14 +193,23 @@ def report_markdown(report: dict[str, Any]) -> str:
   for k, v in r.items():
     if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None:
       lines.append(f"| {k} | {v if isinstance(v, int) else fmt(v)} |")
-  cols = [("model_error", "model"), ("model_error_median", "model median"),
-          ("model_error_nonfinite", "non-finite"), ("gd_error", "GD η*"), ("pgd_error", "PGD c·Σ⁻¹"),
+  cols = [("model_error", "model"), ("model_expected_error_median", "model median E_q"),
+          ("model_error_median", "model median, 1 query"),
+          ("model_error_nonfinite", "non-finite"), ("gd_error", "GD η*"),
+          ("gd_expected_error_median", "GD median E_q"), ("pgd_error", "PGD c·Σ⁻¹"),
           ("least_squares_error", "LS"), ("ridge_error", "ridge"), ("bound", "theory line"),
           ("sensitivity_cosine", "sens. cos"), ("sensitivity_l2", "sens. L2"),
           ("prediction_l2", "pred. L2")]
   if "model_weight_error" in r:
-    cols.insert(3, ("model_weight_error", "model ||Ŵ−W*||/||W*||"))
-  lines += ["", "## Per loop", ""] + loop_table(r, [c for _, c in cols], lambda j: [
+    cols.insert(4, ("model_weight_error", "model ||Ŵ−W*||/||W*||"))
+  cols = [(k, c) for k, c in cols if k in r]
+  lines += ["", "## Per loop", "",
+            "Errors against the noise-free targets. model, GD, PGD, LS, ridge: the mean over prompts. "
+            "median E_q: the median over prompts of each prompt's expected error over the query "
+            "(closed form in the effective weights, `<name>_expected_error_median` in report.json); "
+            "median, 1 query: the median of one random query's error per prompt "
+            "(`model_error_median`), which mixes the query's spread into the prompts'.", ""]
+  lines += loop_table(r, [c for _, c in cols], lambda j: [
       str(r[k][j]) if k.endswith("nonfinite") else fmt(r[k][j]) for k, _ in cols])
   lines += ladder.markdown(r)
   lines += ["", "## Interpolation (learned → construction, at T)", "", "| α | error | median | non-finite |",
