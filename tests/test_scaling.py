@@ -231,7 +231,7 @@ def test_long_sharded_run_does_not_abort():
   (distributed.block) such a loop aborted the process after 60 s with jax 0.10.2."""
   out = _python("""
     import json, time, jax, jax.numpy as jnp
-    from loopicl import family as family_lib, optim, step as step_lib
+    from loopicl import optim, registry, step as step_lib
     from tests.test_train import tiny_config
     config = tiny_config(**{"train.batch_size": 16})
     family = registry.of(config, training=True)
