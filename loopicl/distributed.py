@@ -89,8 +89,8 @@ def maybe_initialize(config) -> None:
     LOOPICL_NUM_PROCESSES and LOOPICL_PROCESS_ID (docs/scaling.md).
   """
   global _initialized
-  set_cpu_devices(int(config.get("cpu_devices", 0)))
-  wanted = bool(config.get("distributed", False)) or os.environ.get("LOOPICL_DISTRIBUTED") == "1"
+  set_cpu_devices(int(config.cpu_devices))
+  wanted = bool(config.distributed) or os.environ.get("LOOPICL_DISTRIBUTED") == "1"
   if wanted and not _initialized:
     jax.distributed.initialize(num_processes=_env_int("LOOPICL_NUM_PROCESSES"),
                                process_id=_env_int("LOOPICL_PROCESS_ID"))

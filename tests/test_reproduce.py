@@ -251,3 +251,13 @@ def test_grid_fields_of_the_regime_fail_in_one_line(field, value):
   with pytest.raises(reproduce.GridError, match=f"config.grid.{field}=") as err:
     reproduce.validate(config)
   assert "\n" not in str(err.value) and "allowed" in str(err.value)
+
+
+def test_a_grid_config_missing_a_field_is_refused_naming_it():
+  """Every grid field's default lives in configs/reproduce.py; a config without one is refused
+  (no fallback default in the code)."""
+  config = tiny_grid()
+  del config.grid["weight_loops"]
+  with pytest.raises(reproduce.GridError, match=r"config\.grid\.weight_loops is missing") as err:
+    reproduce.validate(config)
+  assert "\n" not in str(err.value)

@@ -203,8 +203,8 @@ def describe(config) -> dict:
   return {"task": t.kind, "d": int(t.d), "d_out": int(t.d_out), "n": int(t.n_context),
           "m": tasks.num_queries(t), "loops": int(m.loops), "batch": int(config.train.batch_size),
           "optimizer": config.train.optimizer, "steps_per_call": int(config.train.steps_per_call),
-          "unroll": int(m.unroll), "remat": bool(m.remat), "form": m.get("form", "reassociated"),
-          "kernel": m.get("kernel", "xla")}
+          "unroll": int(m.unroll), "remat": bool(m.remat), "form": m.form,
+          "kernel": m.kernel}
 
 
 def throughput(config, *, repeats: int = 5, naive: bool = True, peak: bool = True,
@@ -214,7 +214,7 @@ def throughput(config, *, repeats: int = 5, naive: bool = True, peak: bool = Tru
   With `compare_xla` and the fused CPU kernel in use, the same step on the plain XLA path too.
   """
   batch = int(config.train.batch_size)
-  form = config.model.get("form", "reassociated")
+  form = config.model.form
   result = {"config": describe(config), "devices": jax.device_count(),
             "platform": jax.devices()[0].platform, "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "load_avg_before": _load()}

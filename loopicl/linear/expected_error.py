@@ -1,4 +1,4 @@
-"""Each prompt's expected error over the query: the statistic for "the typical prompt" (PAPERS §8).
+"""Each prompt's expected error over the query: the statistic for "the typical prompt" (docs/reproduction.md, "Which statistic each column is").
 
 The grid and the reports first scored a method on a prompt by the squared error of *one* random
 query.  Its mean over prompts is an unbiased estimate of the mean over prompts of the prompt's

@@ -45,6 +45,8 @@ def validate(config) -> None:
   for key in g.keys():
     if key not in known:
       raise GridError(f"config.grid.{key} is an unknown field; allowed: {' | '.join(sorted(known))}")
+  for key in sorted(known - set(g.keys())):  # every field's default lives in configs/reproduce.py
+    raise GridError(f"config.grid.{key} is missing; a grid config builds on configs/reproduce.py")
 
   def seq(name, ok, allowed):
     v = g[name]
@@ -91,9 +93,9 @@ def validate(config) -> None:
     raise GridError(f"config.grid.condition_numbers={g.condition_numbers!r} is invalid; allowed: "
                     "a tuple containing 1 (the isotropic sweeps)")
   for name, low in (("eval_prompts", 1), ("eval_seed", 0), ("cpu_devices", 0)):
-    if not is_int(g.get(name, 0)) or g.get(name, 0) < low:
+    if not is_int(g[name]) or g[name] < low:
       raise GridError(f"config.grid.{name}={g[name]!r} is invalid; allowed: an integer >= {low}")
-  weight_loops = g.get("weight_loops", ())
+  weight_loops = g.weight_loops
   if not isinstance(weight_loops, (tuple, list)) or not all(is_int(x) and x >= 1 for x in weight_loops):
     raise GridError(f"config.grid.weight_loops={weight_loops!r} is invalid; allowed: a tuple of "
                     "integers >= 1 (() for none)")
@@ -165,7 +167,7 @@ def points(config) -> list[dict]:
       if kappa == 1.0 and n == n_context(d, config.grid.fixed_n_over_d):
         trained += [dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="trained",
                          loops=[int(t)], read_loops=[int(t)], role="weights")
-                    for t in sorted(set(config.grid.get("weight_loops", ()))) if int(t) < max(loops)]
+                    for t in sorted(set(config.grid.weight_loops)) if int(t) < max(loops)]
     else:
       trained += [dict(kind=kind, d=d, n=n, kappa=kappa, noise=sigma, method="trained", loops=[t],
                        read_loops=[t]) for t in loops]
@@ -177,7 +179,7 @@ def train_mode_of(config, kappa: float) -> str:
   """How the models of a setting train: grid.train_mode, except that the κ_Σ > 1 settings (read
   at grid.fixed_loops only) use grid.condition_train_mode when it is set."""
   g = config.grid
-  return g.get("condition_train_mode", g.train_mode) if float(kappa) != 1.0 else g.train_mode
+  return g.condition_train_mode if float(kappa) != 1.0 else g.train_mode
 
 
 def point_id(p: dict) -> str:
