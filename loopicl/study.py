@@ -61,8 +61,8 @@ def load_points(study, workdir: str) -> dict:
 
 
 def run(study, workdir: str, *, figures: bool = True, log: Callable[[str], None] = print):
-  """Runs (or resumes) every point of `study` in `workdir`; returns the last write_outputs'
-  value.  Logs one line when a point starts and one when it ends."""
+  """Runs (or resumes) every point of `study` in `workdir`; returns (the last write_outputs'
+  value, points computed, points already there).  Logs a line when a point starts and ends."""
   os.makedirs(os.path.join(workdir, "points"), exist_ok=True)
   todo = study.points()
   start, computed = time.time(), 0
@@ -82,6 +82,4 @@ def run(study, workdir: str, *, figures: bool = True, log: Callable[[str], None]
     log(f"[{i}/{len(todo)}] {pid} done in {time.time() - t0:.0f} s "
         f"({time.time() - start:.0f} s so far)")
     study.write_outputs(workdir, load_points(study, workdir), False)
-  out = study.write_outputs(workdir, load_points(study, workdir), figures)
-  study.computed, study.skipped = computed, len(todo) - computed
-  return out
+  return study.write_outputs(workdir, load_points(study, workdir), figures), computed, len(todo) - computed

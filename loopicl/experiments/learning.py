@@ -222,7 +222,7 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> list[dic
   """Runs (or resumes) every setting; rebuilds the outputs after each; returns the rows."""
   validate(config)
   distributed.set_cpu_devices(int(config.grid.cpu_devices))
-  return study.run(LearningStudy(config), workdir, figures=bool(config.grid.figures), log=log)
+  return study.run(LearningStudy(config), workdir, figures=bool(config.grid.figures), log=log)[0]
 
 
 def write_outputs(config, workdir: str, *, figures: bool = True) -> list[dict]:

@@ -127,8 +127,9 @@ class SweepStudy:
   points/<point>.json; its seeds' run directories are <workdir>/<point>/seed<s>."""
   point_key = "point"
 
-  def __init__(self, config, sweeps, seeds):
+  def __init__(self, config, sweeps, seeds, workdir: str):
     self.config, self.sweeps, self.seeds = config, sweeps, [int(s) for s in seeds]
+    self.workdir = workdir
     self._points = points(sweeps)
     self._configs = {point_name(p): point_config(config, p) for p in self._points}  # all valid first
 
@@ -157,13 +158,12 @@ class SweepStudy:
 def run(config, sweeps, seeds, workdir: str, *, log=print) -> list[dict]:
   """Runs (or resumes) every point of the sweep in `workdir`; writes sweep.csv, summary.md and the
   figure after each point.  Returns the sweep.csv records."""
-  sweep = SweepStudy(config, sweeps, seeds)  # every point valid before any work
-  sweep.workdir = workdir
+  sweep = SweepStudy(config, sweeps, seeds, workdir)  # every point valid before any work
   os.makedirs(workdir, exist_ok=True)
   jsonfile.write(os.path.join(workdir, "sweep.json"),
                  {"sweeps": [[f, v] for f, v in sweeps], "seeds": sweep.seeds,
                   "config": config.to_dict()}, indent=1, sort_keys=True)
-  return study.run(sweep, workdir, log=log)
+  return study.run(sweep, workdir, log=log)[0]
 
 
 # -- outputs --------------------------------------------------------------------------------------

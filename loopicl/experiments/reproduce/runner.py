@@ -79,8 +79,8 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   jsonfile.write(os.path.join(workdir, "config.json"), config.to_dict(), indent=2, sort_keys=True,
                  default=list)
   start = time.time()
-  grid = GridStudy(config)
-  rows = study.run(grid, workdir, figures=bool(config.grid.figures), log=log)
-  log(f"grid done: {grid.computed} points computed, {grid.skipped} already there, {len(rows)} rows "
+  rows, computed, skipped = study.run(GridStudy(config), workdir, figures=bool(config.grid.figures),
+                                      log=log)
+  log(f"grid done: {computed} points computed, {skipped} already there, {len(rows)} rows "
       f"in {os.path.join(workdir, 'results.csv')} ({time.time() - start:.0f} s)")
-  return {"rows": len(rows), "computed": grid.computed, "skipped": grid.skipped}
+  return {"rows": len(rows), "computed": computed, "skipped": skipped}
